@@ -1,0 +1,248 @@
+r"""Base projections :math:`f` of normed steepest descent (SPEC §3).
+
+A base projection maps a (rotated) momentum matrix :math:`X \in \mathbb{R}^{m\times n}` to the
+steepest-descent direction of some norm, :math:`f(X) = \arg\max_{\|Z\|\le 1}\langle X, Z\rangle`.
+Every function here
+
+* works on batches ``(..., m, n)`` and treats the last two dimensions as the matrix;
+* is scale invariant, :math:`f(cX) = f(X)` for :math:`c > 0`, and first divides ``X`` by its
+  largest absolute entry, so gradients from 1e-30 to 1e30 neither underflow nor overflow;
+* returns a matrix of RMS 1 (:math:`\|f(X)\|_F = \sqrt{mn}`), or exactly zero when ``X`` is
+  zero, so the later RMS matching only rescales;
+* is equivariant under signed permutations of rows, :math:`f(DX) = D f(X)`, which is why the
+  signs of the rotation's columns do not matter.
+
+Stateless projections are plain functions ``f(X) -> Tensor`` with their options bound by
+:func:`functools.partial`. The Adam projection keeps a second moment and is the class
+:class:`AdamProjection`, used through :func:`lookahead` and :func:`project_`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AdamProjection",
+    "Projection",
+    "SINKHORN_VARIANTS",
+    "STATELESS_PROJECTIONS",
+    "identity",
+    "lookahead",
+    "make_projection",
+    "project_",
+    "rms_normalize",
+    "row_norm",
+    "sign",
+    "sinkhorn",
+    "unit_scale",
+]
+
+SINKHORN_VARIANTS = ("simultaneous", "alternating")
+
+
+def unit_scale(X: Tensor) -> Tensor:
+    r"""Return :math:`X / \max_{ij}|X_{ij}|` per matrix (zero matrices stay zero).
+
+    Dividing by the largest entry is exact in floating point up to one rounding and makes
+    every later sum of squares safe from overflow and underflow.
+    """
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    return X / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
+def rms_normalize(X: Tensor) -> Tensor:
+    r"""Return :math:`X/\mathrm{RMS}(X)` per matrix, :math:`\mathrm{RMS}(X)=\|X\|_F/\sqrt{mn}`.
+
+    Zero matrices stay zero. ``X`` must already be unit-scaled or otherwise well scaled.
+    """
+    m, n = X.shape[-2], X.shape[-1]
+    rms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) / math.sqrt(m * n)
+    return X / torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def identity(X: Tensor) -> Tensor:
+    r""":math:`f(X) = X/\mathrm{RMS}(X)`: the Frobenius-norm steepest descent direction.
+
+    With this f, ARO's rotation is the power-iteration eigen-rotation (SPEC §9.2).
+    """
+    return rms_normalize(unit_scale(X))
+
+
+def sign(X: Tensor) -> Tensor:
+    r""":math:`f(X) = \mathrm{sign}(X)`, the :math:`\ell_\infty` steepest descent (SignGD).
+
+    Entries smaller than :math:`m\,u\,\max|X|` (the rounding error of the product
+    :math:`R^\top M` that made them; :math:`u` the unit roundoff) count as zero: their sign is
+    noise. This matters for square matrices, where ARO-Sign produces *exact* zeros in
+    :math:`R^\top M` (cofactors of a ±1 matrix) that rounding would otherwise turn into ±1.
+    The result is renormalized to RMS 1.
+    """
+    X = unit_scale(X)
+    tol = X.shape[-2] * torch.finfo(X.dtype).eps / 2
+    return rms_normalize(torch.where(X.abs() > tol, torch.sign(X), torch.zeros_like(X)))
+
+
+def row_norm(X: Tensor, *, eps: float = 1e-8) -> Tensor:
+    r""":math:`f(X) = \sqrt{n}\,D_r(X)^{-1}X`: every row scaled to norm :math:`\sqrt{n}`.
+
+    Steepest descent for the max-row-norm; ARO with it converges to Muon's
+    :math:`\sqrt{n}\,UV^\top` (SPEC §9.2). Rows with norm below ``eps`` (relative to the
+    largest entry) are treated as zero and left as they are.
+    """
+    X = unit_scale(X)
+    n = X.shape[-1]
+    r = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+    scale = torch.where(r > eps, math.sqrt(n) / torch.where(r > eps, r, torch.ones_like(r)), torch.ones_like(r))
+    return rms_normalize(X * scale)
+
+
+def _safe_rescale(scale: Tensor, norm: Tensor, target: float, eps: float) -> Tensor:
+    """``scale * target / norm`` where ``norm > eps``; unchanged elsewhere (zero rows/cols)."""
+    ok = norm > eps
+    return torch.where(ok, scale * target / torch.where(ok, norm, torch.ones_like(norm)), scale)
+
+
+def sinkhorn(
+    X: Tensor,
+    *,
+    num_iters: int = 5,
+    variant: str = "simultaneous",
+    eps: float = 1e-8,
+) -> Tensor:
+    r"""Sinkhorn projection :math:`f_\mathrm{Sink}` (SinkGD; ARO-Sinkhorn), RMS 1.
+
+    Balances row and column norms of ``X`` by diagonal scalings,
+    :math:`f(X) = D_a X D_b`. With :math:`Y = D_a X D_b`, one iteration is
+
+    * ``"simultaneous"`` (as written in the ARO paper): both diagonals from the same ``Y``,
+      :math:`Y \leftarrow \sqrt{mn}\; D_r(Y)^{-1}\, Y\, D_c(Y)^{-1}`;
+    * ``"alternating"`` (SinkGD): :math:`Y \leftarrow \sqrt{n}\,D_r(Y)^{-1}Y`, then
+      :math:`Y \leftarrow \sqrt{m}\,Y D_c(Y)^{-1}`.
+
+    The constants keep a balanced ``Y`` (row norms :math:`\sqrt n`, column norms
+    :math:`\sqrt m`) fixed. The result is renormalized to RMS 1.
+
+    Only the scaling vectors :math:`a, b` are iterated: with :math:`S = X\odot X`, the row
+    norms of ``Y`` are :math:`a\odot\sqrt{S (b\odot b)}` and the column norms
+    :math:`b\odot\sqrt{S^\top (a\odot a)}`, so an iteration costs two matrix-vector products
+    over ``S`` instead of rewriting the matrix. Rows or columns whose norm is below ``eps``
+    (relative to the largest entry of ``X``) are treated as zero and not rescaled.
+
+    Args:
+        X: ``(..., m, n)`` input.
+        num_iters: number of iterations ``K`` (SPEC default 5). ``0`` returns
+            ``X`` renormalized to RMS 1.
+        variant: ``"simultaneous"`` or ``"alternating"``.
+        eps: threshold below which a row or column norm counts as zero.
+    """
+    if variant not in SINKHORN_VARIANTS:
+        raise ValueError(f"Invalid sinkhorn variant: {variant!r}; expected one of {SINKHORN_VARIANTS}")
+    X = unit_scale(X)
+    m, n = X.shape[-2], X.shape[-1]
+    S = X * X
+    a = X.new_ones(X.shape[:-1])  # (..., m)
+    b = X.new_ones(X.shape[:-2] + (n,))  # (..., n)
+    sqrt_m, sqrt_n = math.sqrt(m), math.sqrt(n)
+    for _ in range(num_iters):
+        rows = a * torch.sqrt((S @ (b * b).unsqueeze(-1)).squeeze(-1))
+        if variant == "simultaneous":
+            cols = b * torch.sqrt((S.mT @ (a * a).unsqueeze(-1)).squeeze(-1))
+            a = _safe_rescale(a, rows, sqrt_n, eps)
+        else:
+            a = _safe_rescale(a, rows, sqrt_n, eps)
+            cols = b * torch.sqrt((S.mT @ (a * a).unsqueeze(-1)).squeeze(-1))
+        b = _safe_rescale(b, cols, sqrt_m, eps)
+    return rms_normalize(a.unsqueeze(-1) * X * b.unsqueeze(-2))
+
+
+@dataclass(frozen=True)
+class AdamProjection:
+    r"""Adam as a base projection, with ARO's look-ahead (SPEC §3, "ARO-Adam").
+
+    The second moment ``V`` lives in the rotated frame and tracks the squared rotated
+    momentum :math:`Z = R^\top M`. Because the new rotation must be built before ``V`` is
+    updated, the cross-Gram uses a scratch second moment in the old frame:
+
+    .. math::
+        \tilde Z = R_{t-1}^\top M_t,\quad \tilde V = \beta_2 V_{t-1} + (1-\beta_2)\tilde Z^2,
+        \quad \tilde D = \tilde Z/(\sqrt{\tilde V/c_t}+\epsilon)\quad\text{(not stored)}
+
+    and the update uses the new frame, :math:`Z = R_t^\top M_t`,
+    :math:`V_t = \beta_2 V_{t-1} + (1-\beta_2) Z^2`, :math:`D = Z/(\sqrt{V_t/c_t}+\epsilon)`,
+    with bias correction :math:`c_t = 1-\beta_2^t`. ``V`` is not re-projected when the
+    rotation changes (as in the paper). Both outputs are renormalized to RMS 1.
+
+    Second moments saturate at the dtype's largest finite value instead of overflowing.
+    """
+
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def _second_moment(self, Z: Tensor, V: Tensor) -> Tensor:
+        # V~ = beta2*V + (1-beta2)*Z^2, kept finite
+        V_new = torch.addcmul(V * self.beta2, Z, Z, value=1.0 - self.beta2)
+        return V_new.clamp_(max=torch.finfo(V_new.dtype).max)
+
+    def _direction(self, Z: Tensor, V: Tensor, bias_correction: Tensor) -> Tensor:
+        return rms_normalize(unit_scale(Z / ((V / bias_correction).sqrt() + self.eps)))
+
+    def lookahead(self, Z: Tensor, V: Tensor, bias_correction: Tensor) -> Tensor:
+        """Scratch direction :math:`\\tilde D` for the cross-Gram; ``V`` is not modified."""
+        return self._direction(Z, self._second_moment(Z, V), bias_correction)
+
+    def project_(self, Z: Tensor, V: Tensor, bias_correction: Tensor) -> Tensor:
+        """Update ``V`` in place with ``Z`` and return the direction :math:`D`."""
+        V.copy_(self._second_moment(Z, V))
+        return self._direction(Z, V, bias_correction)
+
+
+Projection = Union[Callable[[Tensor], Tensor], AdamProjection]
+
+STATELESS_PROJECTIONS: dict[str, Callable[..., Tensor]] = {
+    "sinkhorn": sinkhorn,
+    "sign": sign,
+    "row_norm": row_norm,
+    "identity": identity,
+}
+
+
+def make_projection(
+    base: str | Callable[[Tensor], Tensor],
+    *,
+    sinkhorn_iters: int = 5,
+    sinkhorn_variant: str = "simultaneous",
+    beta2: float = 0.95,
+    eps: float = 1e-8,
+) -> Projection:
+    """Resolve a projection name (``"sinkhorn"``, ``"sign"``, ``"row_norm"``, ``"identity"``,
+    ``"adam"``) or a user callable ``f(X) -> Tensor`` to a :data:`Projection`."""
+    if callable(base):
+        return base
+    if base == "adam":
+        return AdamProjection(beta2=beta2, eps=eps)
+    if base == "sinkhorn":
+        return partial(sinkhorn, num_iters=sinkhorn_iters, variant=sinkhorn_variant)
+    if base in STATELESS_PROJECTIONS:
+        return STATELESS_PROJECTIONS[base]
+    names = sorted(STATELESS_PROJECTIONS) + ["adam"]
+    raise ValueError(f"Invalid base projection: {base!r}; expected one of {names} or a callable")
+
+
+def lookahead(f: Projection, X: Tensor, f_state: Tensor | None, bias_correction: Tensor | None) -> Tensor:
+    """f applied in the previous frame, for the cross-Gram; never modifies state."""
+    if isinstance(f, AdamProjection):
+        return f.lookahead(X, f_state, bias_correction)
+    return f(X)
+
+
+def project_(f: Projection, X: Tensor, f_state: Tensor | None, bias_correction: Tensor | None) -> Tensor:
+    """f applied in the new frame, for the update; the Adam projection updates its state."""
+    if isinstance(f, AdamProjection):
+        return f.project_(X, f_state, bias_correction)
+    return f(X)

@@ -1,0 +1,113 @@
+r"""Parameter classification: which parameters ARO rotates and which go to AdamW.
+
+:func:`param_groups` turns a model into param groups for :class:`aro.ARO`:
+
+===================  ==============================  ==================
+role                 how it is recognised            optimizer
+===================  ==============================  ==================
+hidden matrix        any other parameter with ndim>=2  ARO
+conv weight          weight of ``nn.Conv{1,2,3}d``    ARO, flattened to (out, in*k)
+embedding            weight of ``nn.Embedding``       AdamW (hybrid) / ARO (full)
+LM head              ``nn.Linear`` whose out_features equals an embedding's
+                     vocabulary, or named ``lm_head``; tied heads are the
+                     embedding tensor itself         AdamW (hybrid) / ARO (full)
+router               module named ``router`` or ``gate`` (MoE)  AdamW (hybrid) / ARO (full)
+norm gain, bias      ndim < 2                         AdamW
+===================  ==============================  ==================
+
+*Hybrid* is the paper's standard comparison (ARO on hidden matrices only); *full* runs ARO on
+every matrix, embeddings and LM head included (SPEC §6). Every parameter lands in exactly one
+group; the result is checked against ``model.parameters()``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["MODES", "classify_parameters", "param_groups"]
+
+MODES = ("hybrid", "full")
+_ROUTER_NAMES = ("router", "gate")
+_HEAD_NAMES = ("lm_head",)
+
+
+def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str]]":
+    """Map each parameter name (first occurrence of tied tensors) to ``(param, role)``.
+
+    Roles: ``"matrix"``, ``"conv"``, ``"embedding"``, ``"head"`` (an untied LM head),
+    ``"router"``, ``"vector"`` (norm gains, biases, scalars). A tied embedding/head tensor is an
+    ``"embedding"``.
+    """
+    roles: dict[int, str] = {}
+    vocab_sizes = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            roles[id(module.weight)] = "embedding"
+            vocab_sizes.add(module.num_embeddings)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or id(weight) in roles:
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            roles[id(weight)] = "conv"
+        elif isinstance(module, nn.Linear) and (leaf in _HEAD_NAMES or module.out_features in vocab_sizes):
+            roles[id(weight)] = "head"
+        elif leaf in _ROUTER_NAMES and weight.ndim >= 2:
+            roles[id(weight)] = "router"
+    out: "OrderedDict[str, tuple[Tensor, str]]" = OrderedDict()
+    for name, p in model.named_parameters():  # deduplicates tied tensors
+        role = roles.get(id(p)) or ("matrix" if p.ndim >= 2 else "vector")
+        if role in ("embedding", "head", "router", "conv") and p.ndim < 2:
+            role = "vector"
+        out[name] = (p, role)
+    return out
+
+
+def param_groups(model: nn.Module, mode: str = "hybrid", **overrides: Any) -> list[dict[str, Any]]:
+    """Param groups for :class:`aro.ARO` (and any optimizer taking named param groups).
+
+    Args:
+        model: the model.
+        mode: ``"hybrid"`` (embeddings, LM head and routers on AdamW) or ``"full"`` (ARO on
+            every matrix).
+        **overrides: hyperparameters set on the ARO groups (e.g. ``rotation="eigen"``).
+
+    Returns:
+        Up to three groups, each with named parameters: ARO matrices, ARO conv weights
+        (``matrix_view="flatten"``) and AdamW parameters. Empty groups are left out.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode: {mode!r}; expected one of {MODES}")
+    aro, conv, adamw = [], [], []
+    for name, (p, role) in classify_parameters(model).items():
+        if role == "vector" or (mode == "hybrid" and role in ("embedding", "head", "router")):
+            adamw.append((name, p))
+        elif role == "conv":
+            conv.append((name, p))
+        else:
+            aro.append((name, p))
+    groups = []
+    if aro:
+        groups.append({"params": aro, "algorithm": "aro", **overrides})
+    if conv:
+        groups.append({"params": conv, "algorithm": "aro", "matrix_view": "flatten", **overrides})
+    if adamw:
+        groups.append({"params": adamw, "algorithm": "adamw"})
+    _check_coverage(model, groups)
+    return groups
+
+
+def _check_coverage(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    seen: set[int] = set()
+    for g in groups:
+        for name, p in g["params"]:
+            if id(p) in seen:
+                raise RuntimeError(f"parameter {name!r} was placed in two groups")
+            seen.add(id(p))
+    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if missing:
+        raise RuntimeError(f"parameters left out of every group: {missing}")

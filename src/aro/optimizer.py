@@ -1,0 +1,513 @@
+r"""``aro.ARO``: Adaptively Rotated Optimization as a drop-in :class:`torch.optim.Optimizer`.
+
+The class only manages groups and state and dispatches to :mod:`aro.functional`; every piece
+of math lives there. Matrices (2-D and batched 3-D parameters, flattened conv weights) take the
+ARO path; everything else (and any group with ``algorithm="adamw"``) takes a built-in AdamW.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import state_keys as K
+from .functional.adamw import adamw_
+from .functional.projections import SINKHORN_VARIANTS, STATELESS_PROJECTIONS, AdamProjection, make_projection
+from .functional.qr import QR_METHODS
+from .functional.rotation import ROTATION_POLICIES, rotated_step
+from .layout import MATRIX_VIEWS, ORIENTATIONS, MatrixShape, matrix_shape, oriented, resolve_orientation, unoriented
+
+__all__ = ["ARO"]
+
+ALGORITHMS = ("auto", "aro", "adamw")
+NONFINITE_POLICIES = ("skip", "raise")
+BASE_NAMES = tuple(sorted(STATELESS_PROJECTIONS)) + ("adam",)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype computes (and keeps state) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class ARO(Optimizer):
+    r"""Adaptively Rotated Optimization (Gong et al., 2026, arXiv 2602.09006).
+
+    Normed steepest descent in an adaptively rotated frame. For each (oriented) weight matrix
+    :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G`:
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: \eta\ (\text{lr}),\ \beta\ (\text{beta}),\ \lambda\ (\text{weight decay}),
+            \ f\ (\text{base}),\ \rho\ (\text{rms\_target})\\
+        &\textbf{initialize}: M_0 = 0,\ R_0 = I_m\\
+        &\textbf{for}\ t = 1, 2, \ldots\\
+        &\quad M_t = \beta M_{t-1} + (1-\beta) G_t
+            \quad(\text{Nesterov: } \tilde M_t = \beta M_t + (1-\beta)G_t)\\
+        &\quad R_t = \mathrm{QR}\big(M_t\, f(R_{t-1}^\top M_t)^\top\big)\\
+        &\quad U_t = R_t\, f(R_t^\top M_t)\\
+        &\quad W_t = (1-\eta\lambda)\, W_{t-1} - \eta\,\rho\, U_t/\mathrm{RMS}(U_t)\\
+        &\textbf{return}\ W_t
+        \end{aligned}
+
+    Every matrix update is RMS-matched to :math:`\rho = 0.2`, AdamW's typical update RMS, so
+    a learning rate tuned for AdamW transfers unchanged (SPEC §7). Parameters that are not
+    matrices (and groups with ``algorithm="adamw"``) get AdamW with ``betas``/``eps``.
+
+    Args:
+        params: parameters or param groups. With ``model.parameters()`` every matrix takes
+            the ARO path; use :func:`aro.param_groups` to keep embeddings and the LM head on
+            AdamW (the paper's hybrid mode). A group may set ``algorithm`` to ``"auto"``
+            (default: ndim >= 2 -> ARO), ``"aro"`` or ``"adamw"``, ``matrix_view`` to
+            ``"auto"`` or ``"flatten"`` (see :mod:`aro.layout`), and any argument below.
+        lr: learning rate, on AdamW's scale (default 1e-3, as AdamW).
+        beta: momentum EMA coefficient :math:`\beta` (default 0.95, the paper's).
+        weight_decay: decoupled weight decay :math:`\lambda`, both paths (default 0.01, as AdamW).
+        base: base projection f: ``"sinkhorn"`` (default, the paper's strongest variant),
+            ``"sign"``, ``"row_norm"``, ``"identity"``, ``"adam"`` (with look-ahead) or a
+            callable ``f(X) -> Tensor`` on ``(..., m, n)`` batches.
+        rotation: policy, one of ``"aro"`` (default), ``"eigen"``, ``"eigen_exact"``,
+            ``"polar"``, ``"identity"`` (see :mod:`aro.functional.rotation`).
+        qr: ``"householder"`` (default; exact and, on CPU, as fast as the alternative) or
+            ``"shifted_cholesky"`` (GEMM-based, for GPUs; falls back to Householder per matrix).
+        sinkhorn_iters: Sinkhorn iterations K (default 5, the paper's).
+        sinkhorn_variant: ``"simultaneous"`` (default, as the paper writes it) or ``"alternating"``.
+        nesterov: use :math:`\tilde M_t` for rotation and update (default False, as the paper).
+        rms_target: update RMS :math:`\rho` (default 0.2); ``None`` leaves f's RMS 1.
+        orientation: which side the rotation acts on: ``"auto"`` (default; the smaller side,
+            so no rotation exceeds the matrix rank), ``"rows"`` or ``"cols"``.
+        betas: AdamW path :math:`(\beta_1, \beta_2)` (default (0.9, 0.95), LLM practice);
+            :math:`\beta_2` is also the Adam projection's.
+        eps: AdamW path and Adam projection epsilon (default 1e-8).
+        maximize: maximize the objective instead of minimizing.
+        nonfinite: what to do with a parameter whose gradient has NaN/Inf: ``"skip"``
+            (default; its step is skipped, its state untouched, counted in :meth:`stats`,
+            one warning) or ``"raise"`` (``FloatingPointError`` naming the parameter).
+        differentiable: not supported; must be False.
+
+    State (per parameter, documented in :mod:`aro.state_keys`): ``step``,
+    ``momentum_buffer``, ``rotation``, ``orientation``, ``exp_avg_sq`` (Adam projection) on
+    the ARO path; ``step``, ``exp_avg``, ``exp_avg_sq`` on the AdamW path. State is float32
+    for float32/bf16/fp16 parameters and float64 for float64 parameters.
+
+    Departures from the paper: the Sinkhorn scaling is iterated on its scaling vectors
+    (same result, fewer passes); every f output is renormalized to RMS 1; a zero or
+    non-finite cross-Gram keeps the previous rotation.
+
+    References:
+        W. Gong et al., *A New Lens On Matrix Optimization For Large Models*, arXiv 2602.09006.
+        M. Scetbon et al., *Gradient Multi-Normalization for Stateless and Scalable LLM
+        Training* (SinkGD), arXiv 2502.06742.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        *,
+        beta: float = 0.95,
+        weight_decay: float = 0.01,
+        base: str | Callable[[Tensor], Tensor] = "sinkhorn",
+        rotation: str = "aro",
+        qr: str = "householder",
+        sinkhorn_iters: int = 5,
+        sinkhorn_variant: str = "simultaneous",
+        nesterov: bool = False,
+        rms_target: float | None = 0.2,
+        orientation: str = "auto",
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+        differentiable: bool = False,
+    ) -> None:
+        if differentiable:
+            raise ValueError("Invalid differentiable: True; ARO does not support differentiating through its step")
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            base=base,
+            rotation=rotation,
+            qr=qr,
+            sinkhorn_iters=sinkhorn_iters,
+            sinkhorn_variant=sinkhorn_variant,
+            nesterov=nesterov,
+            rms_target=rms_target,
+            orientation=orientation,
+            betas=betas,
+            eps=eps,
+            maximize=maximize,
+            nonfinite=nonfinite,
+            algorithm="auto",
+            matrix_view="auto",
+        )
+        _validate_hyperparameters(defaults)
+        self._counters: dict[tuple[str, torch.device], Tensor] = {}
+        self._last_qr_count = 0
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated: hyperparameters, parameter dtypes, algorithm vs shape)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_hyperparameters(group)
+            for i, p in enumerate(group["params"]):
+                _validate_param(group, p, _param_label(group, i, p))
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _uses_aro(group: dict[str, Any], p: Tensor) -> bool:
+        algorithm = group["algorithm"]
+        return algorithm == "aro" or (algorithm == "auto" and p.ndim >= 2)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._last_qr_count = 0
+        for group in self.param_groups:
+            params = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"ARO does not support sparse gradients ({_param_label(group, i, p)}); "
+                        "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
+                    )
+                params.append(p)
+            params = self._screen_nonfinite(group, params)
+            self._adamw_step(group, [p for p in params if not self._uses_aro(group, p)])
+            self._aro_step(group, [p for p in params if self._uses_aro(group, p)])
+        return loss
+
+    def _screen_nonfinite(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """Drop (or raise for) parameters whose gradient holds NaN or Inf; one host sync."""
+        if not params:
+            return params
+        # max |g| never overflows and propagates NaN
+        amax = torch._foreach_norm([p.grad for p in params], ord=math.inf)
+        finite = torch.isfinite(torch.stack([a.float().to(amax[0].device) for a in amax])).cpu()
+        if bool(finite.all()):
+            return params
+        bad = [p for p, ok in zip(params, finite.tolist()) if not ok]
+        labels = ", ".join(_param_label(group, _index_of(group, p), p) for p in bad)
+        if group["nonfinite"] == "raise":
+            raise FloatingPointError(f"non-finite gradient in {labels}")
+        self._count("nonfinite_skips", torch.tensor(len(bad)))
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"ARO skipped the step of {labels}: non-finite gradient (nonfinite='skip'; "
+                "state untouched; see ARO.stats()['nonfinite_skips']). Further skips are counted, not warned.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return [p for p, ok in zip(params, finite.tolist()) if ok]
+
+    def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if not params:
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:
+                dt = _compute_dtype(p.dtype)
+                state[K.STEP] = torch.tensor(0.0)
+                state[K.EXP_AVG] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+                state[K.EXP_AVG_SQ] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+        beta1, beta2 = group["betas"]
+        adamw_(
+            params,
+            [p.grad for p in params],
+            [self.state[p][K.EXP_AVG] for p in params],
+            [self.state[p][K.EXP_AVG_SQ] for p in params],
+            [self.state[p][K.STEP] for p in params],
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    def _init_aro_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        dt = _compute_dtype(p.dtype)
+        orientation = resolve_orientation(tuple(p.shape), group["orientation"], group["matrix_view"])
+        ms = matrix_shape(tuple(p.shape), orientation, group["matrix_view"])
+        state[K.STEP] = torch.tensor(0.0)
+        state[K.ORIENTATION] = orientation
+        state[K.MOMENTUM] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+        if group["rotation"] != "identity":
+            eye = torch.eye(ms.m, dtype=dt, device=p.device)
+            state[K.ROTATION] = eye.expand(_rotated_state_shape(group, p, ms, ms.m)).clone()
+        if group["base"] == "adam":
+            state[K.EXP_AVG_SQ] = torch.zeros(_rotated_state_shape(group, p, ms, ms.n), dtype=dt, device=p.device)
+
+    def _matrix_shape(self, group: dict[str, Any], p: Tensor) -> MatrixShape:
+        return matrix_shape(tuple(p.shape), self.state[p][K.ORIENTATION], group["matrix_view"])
+
+    def _aro_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if not params:
+            return
+        for p in params:
+            if not self.state[p]:
+                self._init_aro_state(group, p)
+        states = [self.state[p] for p in params]
+        beta = group["beta"]
+        bufs = [s[K.MOMENTUM] for s in states]
+        grads = [p.grad.to(b.dtype) for p, b in zip(params, bufs)]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        # M = beta*M + (1-beta)*G
+        torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+        torch._foreach_add_([s[K.STEP] for s in states], 1)
+
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        shapes = [self._matrix_shape(group, p) for p in params]
+        for i, (b, ms) in enumerate(zip(bufs, shapes)):
+            buckets[(b.device, b.dtype, ms.m, ms.n)].append(i)
+        f = make_projection(
+            group["base"],
+            sinkhorn_iters=group["sinkhorn_iters"],
+            sinkhorn_variant=group["sinkhorn_variant"],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+        )
+        for idx in buckets.values():
+            self._aro_bucket(group, f, [params[i] for i in idx], [grads[i] for i in idx], [shapes[i] for i in idx])
+
+    def _aro_bucket(
+        self, group: dict[str, Any], f: Any, params: list[Tensor], grads: list[Tensor], shapes: list[MatrixShape]
+    ) -> None:
+        """ARO on one batch of same-shape oriented matrices: one batched computation."""
+        states = [self.state[p] for p in params]
+        counts = [ms.count for ms in shapes]
+        beta, policy = group["beta"], group["rotation"]
+        M = torch.cat([oriented(s[K.MOMENTUM], ms) for s, ms in zip(states, shapes)])
+        if group["nesterov"]:
+            G = torch.cat([oriented(g, ms) for g, ms in zip(grads, shapes)])
+            M = torch.lerp(G, M, beta)  # beta*M + (1-beta)*G
+        R = None if policy == "identity" else torch.cat([s[K.ROTATION].reshape(-1, ms.m, ms.m) for s, ms in zip(states, shapes)])
+        V = bias_correction = None
+        if isinstance(f, AdamProjection):
+            V = torch.cat([s[K.EXP_AVG_SQ].reshape(-1, ms.m, ms.n) for s, ms in zip(states, shapes)])
+            beta2 = group["betas"][1]
+            bc = [1.0 - beta2 ** float(s[K.STEP]) for s, c in zip(states, counts) for _ in range(c)]
+            bias_correction = torch.tensor(bc, dtype=M.dtype, device=M.device).view(-1, 1, 1)
+        out = rotated_step(
+            M, R, policy=policy, f=f, f_state=V, bias_correction=bias_correction, qr=group["qr"]
+        )
+        if out.rotation is not None:
+            self._last_qr_count += out.rotation.shape[0]
+            self._count("qr_fallbacks", out.fallbacks)
+            self._count("degenerate_rotations", out.degenerate)
+            torch._foreach_copy_(
+                [s[K.ROTATION] for s in states],
+                [r.reshape(s[K.ROTATION].shape) for r, s in zip(out.rotation.split(counts), states)],
+            )
+        if V is not None:
+            torch._foreach_copy_(
+                [s[K.EXP_AVG_SQ] for s in states],
+                [v.reshape(s[K.EXP_AVG_SQ].shape) for v, s in zip(V.split(counts), states)],
+            )
+        U = out.update
+        rho = group["rms_target"]
+        if rho is not None:
+            # U = rho * U / RMS(U), per matrix (zero updates stay zero)
+            rms = U.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+            U = U * torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0)
+        updates = [unoriented(u, ms, tuple(p.shape)) for u, ms, p in zip(U.split(counts), shapes, params)]
+        _apply_update_(params, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"])
+
+    # ------------------------------------------------------------------ stats
+    def _count(self, name: str, value: Tensor) -> None:
+        key = (name, value.device)
+        prev = self._counters.get(key)
+        self._counters[key] = value if prev is None else prev + value
+
+    def stats(self) -> dict[str, int]:
+        """Counters since construction: ``qr_fallbacks`` (shifted-Cholesky matrices redone by
+        Householder), ``degenerate_rotations`` (zero/non-finite cross-Grams that kept the
+        previous rotation), ``nonfinite_skips`` (parameter steps skipped for NaN/Inf
+        gradients), and ``qr_per_step`` (rotations computed in the last step)."""
+        out = {"qr_fallbacks": 0, "degenerate_rotations": 0, "nonfinite_skips": 0}
+        for (name, _), value in self._counters.items():
+            out[name] += int(value)
+        out["qr_per_step"] = self._last_qr_count
+        return out
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, checked against the parameters; state keeps its saved dtype.
+
+        Raises ``ValueError`` naming the parameter when a saved state does not fit it (other
+        model, changed shapes, other orientation). Tensors are copied, never aliased to the
+        given ``state_dict``, and float32 state of bf16 parameters stays float32 (torch's
+        default loader would cast it to bf16).
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        saved_state = state_dict["state"]
+        pairs: list[tuple[Tensor, dict[str, Any]]] = []
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded param_groups[{g}] has {len(saved['params'])} parameters, this optimizer's has {len(group['params'])}"
+                )
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                if pid in saved_state:
+                    _check_saved_state(saved, p, saved_state[pid], _param_label(group, i, p))
+                    pairs.append((p, saved_state[pid]))
+        super().load_state_dict(state_dict)
+        for p, saved in pairs:
+            self.state[p] = {k: _copy_state_value(k, v, p) for k, v in saved.items()}
+
+
+# ---------------------------------------------------------------------- helpers
+def _batched(group: dict[str, Any], p: Tensor) -> bool:
+    return p.ndim == 3 and group["matrix_view"] == "auto"
+
+
+def _rotated_state_shape(group: dict[str, Any], p: Tensor, ms: MatrixShape, last: int) -> tuple[int, ...]:
+    return (ms.count, ms.m, last) if _batched(group, p) else (ms.m, last)
+
+
+def _apply_update_(params: list[Tensor], updates: list[Tensor], *, lr: float, weight_decay: float) -> None:
+    """W = (1 - lr*wd)*W - lr*U; low-precision parameters are rounded once, at the end."""
+    same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
+    if same:
+        ps = [params[i] for i in same]
+        if weight_decay:
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+        torch._foreach_add_(ps, [updates[i] for i in same], alpha=-lr)
+    for p, u in zip(params, updates):
+        if p.dtype != u.dtype:
+            p.copy_(p.to(u.dtype).mul_(1.0 - lr * weight_decay).add_(u, alpha=-lr))
+
+
+def _param_label(group: dict[str, Any], index: int, p: Tensor) -> str:
+    names = group.get("param_names")
+    name = f"{names[index]!r} " if names and index < len(names) else ""
+    return f"parameter {name}(index {index}, shape {tuple(p.shape)}, dtype {p.dtype})"
+
+
+def _index_of(group: dict[str, Any], p: Tensor) -> int:
+    return next(i for i, q in enumerate(group["params"]) if q is p)
+
+
+def _copy_state_value(key: str, value: Any, p: Tensor) -> Any:
+    if isinstance(value, Tensor):
+        if key == K.STEP:
+            return value.detach().clone()
+        return value.detach().to(device=p.device, copy=True)
+    return copy.deepcopy(value)
+
+
+def _check_saved_state(group: dict[str, Any], p: Tensor, st: dict[str, Any], label: str) -> None:
+    """Raise ValueError if the saved state ``st`` cannot belong to ``p``."""
+    for key in (K.MOMENTUM, K.EXP_AVG):
+        if key in st and tuple(st[key].shape) != tuple(p.shape):
+            raise ValueError(f"saved state {key!r} has shape {tuple(st[key].shape)}, which does not fit {label}")
+    if K.ORIENTATION not in st:
+        if K.EXP_AVG_SQ in st and tuple(st[K.EXP_AVG_SQ].shape) != tuple(p.shape):
+            raise ValueError(f"saved state 'exp_avg_sq' has shape {tuple(st[K.EXP_AVG_SQ].shape)}, which does not fit {label}")
+        return
+    orientation = st[K.ORIENTATION]
+    if orientation not in ("rows", "cols"):
+        raise ValueError(f"saved state 'orientation' is {orientation!r} for {label}; expected 'rows' or 'cols'")
+    if p.ndim < 2:
+        raise ValueError(f"saved state holds a rotation, but {label} is not a matrix")
+    view = group.get("matrix_view", "auto")
+    ms = matrix_shape(tuple(p.shape), orientation, view)
+    batched = p.ndim == 3 and view == "auto"
+    expected = {K.ROTATION: (ms.count, ms.m, ms.m) if batched else (ms.m, ms.m)}
+    expected[K.EXP_AVG_SQ] = (ms.count, ms.m, ms.n) if batched else (ms.m, ms.n)
+    for key, shape in expected.items():
+        if key in st and tuple(st[key].shape) != shape:
+            raise ValueError(f"saved state {key!r} has shape {tuple(st[key].shape)}, expected {shape} for {label}")
+
+
+def _validate_param(group: dict[str, Any], p: Tensor, label: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"ARO params must be tensors, got {type(p).__name__} for {label}")
+    if p.is_complex():
+        raise ValueError(f"ARO does not support complex parameters: {label}; view it as real with torch.view_as_real")
+    if not p.is_floating_point():
+        raise ValueError(f"ARO needs floating-point parameters: {label}")
+    if group["algorithm"] == "aro" and p.ndim < 2:
+        raise ValueError(
+            f"algorithm='aro' needs matrices, but {label} has {p.ndim} dimension(s); "
+            "put it in a group with algorithm='adamw' (or 'auto')"
+        )
+
+
+def _validate_hyperparameters(g: dict[str, Any]) -> None:
+    """ValueError/TypeError naming the argument and its value."""
+
+    def number(name: str, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True) -> None:
+        v = g[name]
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"Invalid {name}: tensor with {v.numel()} elements; expected one")
+            v = float(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"Invalid {name}: {g[name]!r}; expected a number")
+        bad = (v <= lo if lo_open else v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)) or math.isnan(v)
+        if bad:
+            lo_b, hi_b = ("(" if lo_open else "["), (")" if hi_open else "]")
+            raise ValueError(f"Invalid {name}: {v}; expected a value in {lo_b}{lo}, {hi if hi is not None else 'inf'}{hi_b}")
+
+    def choice(name: str, options: tuple) -> None:
+        if g[name] not in options:
+            raise ValueError(f"Invalid {name}: {g[name]!r}; expected one of {options}")
+
+    def flag(name: str) -> None:
+        if not isinstance(g[name], bool):
+            raise TypeError(f"Invalid {name}: {g[name]!r}; expected True or False")
+
+    number("lr", 0.0)
+    number("beta", 0.0, 1.0)
+    number("weight_decay", 0.0)
+    if not callable(g["base"]):
+        choice("base", BASE_NAMES)
+    choice("rotation", ROTATION_POLICIES)
+    choice("qr", QR_METHODS)
+    it = g["sinkhorn_iters"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+        raise ValueError(f"Invalid sinkhorn_iters: {it!r}; expected an integer >= 1")
+    choice("sinkhorn_variant", SINKHORN_VARIANTS)
+    flag("nesterov")
+    if g["rms_target"] is not None:
+        number("rms_target", 0.0, lo_open=True, hi=None)
+    choice("orientation", ORIENTATIONS)
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for j, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid betas[{j}]: {b!r}; expected a value in [0, 1)")
+    number("eps", 0.0)
+    flag("maximize")
+    choice("nonfinite", NONFINITE_POLICIES)
+    choice("algorithm", ALGORITHMS)
+    choice("matrix_view", MATRIX_VIEWS)

@@ -1,0 +1,126 @@
+import math
+from functools import partial
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aro import _reference as ref
+from aro.functional.projections import AdamProjection, identity, make_projection, row_norm, sign, sinkhorn
+
+STATELESS = {
+    "sinkhorn": sinkhorn,
+    "sinkhorn_alt": partial(sinkhorn, variant="alternating"),
+    "sign": sign,
+    "row_norm": row_norm,
+    "identity": identity,
+}
+
+
+def rms(X):
+    return X.square().mean(dim=(-2, -1)).sqrt()
+
+
+@pytest.mark.parametrize("name", list(STATELESS))
+@pytest.mark.parametrize("shape", [(5, 5), (4, 9), (9, 4), (3, 4, 6)])
+def test_rms_one_scale_invariant_and_batched(name, shape):
+    f = STATELESS[name]
+    X = torch.randn(shape, dtype=torch.float64)
+    Y = f(X)
+    assert Y.shape == X.shape
+    torch.testing.assert_close(rms(Y), torch.ones_like(rms(Y)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(f(X * 1e-20), Y, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f(X * 1e20), Y, rtol=1e-10, atol=1e-12)
+    if X.ndim == 3:  # batching = independent matrices
+        for k in range(X.shape[0]):
+            torch.testing.assert_close(f(X[k]), Y[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(STATELESS))
+def test_signed_permutation_equivariance(name):
+    f = STATELESS[name]
+    X = torch.randn(6, 9, dtype=torch.float64)
+    P = torch.eye(6, dtype=torch.float64)[torch.randperm(6)] * torch.tensor([1, -1, 1, -1, -1, 1.0])[:, None]
+    torch.testing.assert_close(f(P @ X), P @ f(X), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(STATELESS))
+def test_zero_input_gives_zero(name):
+    X = torch.zeros(4, 7)
+    assert torch.equal(STATELESS[name](X), X)
+
+
+@pytest.mark.parametrize("variant", ["simultaneous", "alternating"])
+@pytest.mark.parametrize("shape", [(6, 6), (5, 11), (11, 5)])
+def test_sinkhorn_matches_naive_reference(variant, shape):
+    X = torch.randn(shape, dtype=torch.float64)
+    for K in (1, 2, 5):
+        expected = ref.sinkhorn(X.numpy(), K, variant)
+        torch.testing.assert_close(sinkhorn(X, num_iters=K, variant=variant), torch.from_numpy(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_sinkhorn_variants_agree_at_five_iterations():
+    # SPEC §3: cosine > 0.9999 at K = 5 on random matrices
+    X = torch.randn(64, 128, dtype=torch.float64)
+    a = sinkhorn(X, num_iters=5, variant="simultaneous")
+    b = sinkhorn(X, num_iters=5, variant="alternating")
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
+
+
+@given(
+    m=st.integers(2, 24),
+    n=st.integers(2, 24),
+    log_scale=st.floats(-8, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_sinkhorn_row_and_column_norms_converge(m, n, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, n, generator=g) * 10.0**log_scale
+    errs = []
+    for K in (1, 5, 30):
+        Y = sinkhorn(X, num_iters=K, variant="alternating").double()
+        rows, cols = Y.norm(dim=1) / math.sqrt(n), Y.norm(dim=0) / math.sqrt(m)
+        errs.append(max((rows - 1).abs().max().item(), (cols - 1).abs().max().item()))
+    assert errs[2] <= errs[0] + 1e-6
+    assert errs[2] < 1e-2
+
+
+def test_row_norm_rows_equal():
+    Y = row_norm(torch.randn(7, 13, dtype=torch.float64))
+    torch.testing.assert_close(Y.norm(dim=1), torch.full((7,), math.sqrt(13.0), dtype=torch.float64))
+
+
+def test_sign_values():
+    X = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    torch.testing.assert_close(sign(X), torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+
+
+def test_adam_lookahead_leaves_state_and_project_updates_it():
+    f = AdamProjection(beta2=0.9, eps=1e-8)
+    Z = torch.randn(4, 6, dtype=torch.float64)
+    V = torch.rand(4, 6, dtype=torch.float64)
+    V0 = V.clone()
+    bc = torch.tensor(1 - 0.9**3, dtype=torch.float64)
+    D_look = f.lookahead(Z, V, bc)
+    assert torch.equal(V, V0)  # scratch second moment, not stored
+    D = f.project_(Z, V, bc)
+    expected_V = 0.9 * V0 + 0.1 * Z * Z
+    torch.testing.assert_close(V, expected_V)
+    expected_D = Z / ((expected_V / bc).sqrt() + 1e-8)
+    expected_D = expected_D / expected_D.square().mean().sqrt()
+    torch.testing.assert_close(D, expected_D)
+    torch.testing.assert_close(D_look, expected_D)  # same inputs -> same direction
+
+
+def test_adam_second_moment_saturates_instead_of_overflowing():
+    f = AdamProjection()
+    Z = torch.full((3, 3), 1e30)
+    V = torch.zeros(3, 3)
+    D = f.project_(Z, V, torch.tensor(1.0))
+    assert torch.isfinite(V).all() and torch.isfinite(D).all()
+
+
+def test_make_projection_rejects_unknown_name():
+    with pytest.raises(ValueError, match="base projection"):
+        make_projection("muon")

@@ -1,0 +1,153 @@
+import math
+from functools import partial
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aro.functional.projections import AdamProjection, identity, rms_normalize, row_norm, sign, sinkhorn
+from aro.functional.qr import householder_qr, polar
+from aro.functional.rotation import eigen_rotation, new_rotation, rotated_step, rotated_update
+
+
+def orth_err(Q):
+    return (Q.mT @ Q - torch.eye(Q.shape[-1], dtype=Q.dtype)).abs().amax().item()
+
+
+def spectrum_matrix(m, n, ratio=0.8, dtype=torch.float64):
+    """M = U diag(s) V^T with geometric singular values (clear gaps, fast power iteration)."""
+    U = householder_qr(torch.randn(m, m, dtype=dtype))
+    V = householder_qr(torch.randn(n, n, dtype=dtype))[:, :m]
+    s = ratio ** torch.arange(m, dtype=dtype)
+    return (U * s) @ V.T, U, V
+
+
+def test_row_norm_aro_converges_to_muon_direction():
+    # SPEC §9.2: iterating R on a fixed M gives sqrt(n) U V^T (Muon's direction, RMS 1)
+    m, n = 12, 40
+    M, U, V = spectrum_matrix(m, n)
+    R = torch.eye(m, dtype=torch.float64)
+    for _ in range(200):
+        out = rotated_step(M, R, policy="aro", f=row_norm)
+        R = out.rotation
+    target = math.sqrt(n) * U @ V.T
+    rel = (out.update - target).norm() / target.norm()
+    assert rel < 1e-6
+
+
+def test_row_norm_aro_step_equals_power_iteration():
+    # QR(M f_RN(R^T M)^T) = QR(M M^T R): one ARO row-norm step is one eigen step
+    M = torch.randn(10, 30, dtype=torch.float64)
+    R = householder_qr(torch.randn(10, 10, dtype=torch.float64))
+    a = new_rotation(M, R, policy="aro", f=row_norm).Q
+    b = new_rotation(M, R, policy="eigen", f=row_norm).Q
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_identity_f_is_eigen_power_iteration_and_converges_to_eigh():
+    M, U, _ = spectrum_matrix(8, 20)
+    R = householder_qr(torch.randn(8, 8, dtype=torch.float64))
+    a = new_rotation(M, R, policy="aro", f=identity).Q
+    b = new_rotation(M, R, policy="eigen", f=identity).Q
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for _ in range(300):
+        R = new_rotation(M, R, policy="eigen", f=identity).Q
+    exact = eigen_rotation(M, R).Q
+    torch.testing.assert_close(R.abs(), exact.abs(), rtol=0, atol=1e-8)  # equal up to column signs
+
+
+def test_polar_f_makes_rotation_irrelevant():
+    # a rotation-equivariant f: R f(R^T M) = f(M) for every R, so ARO + Polar = Muon
+    def f_polar(X):
+        return rms_normalize(polar(X))
+
+    M = torch.randn(6, 15, dtype=torch.float64)
+    expected = f_polar(M)
+    for _ in range(4):
+        R = householder_qr(torch.randn(6, 6, dtype=torch.float64))
+        torch.testing.assert_close(rotated_update(M, R, f=f_polar), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(rotated_step(M, R, policy="aro", f=f_polar).update, expected, rtol=0, atol=1e-10)
+
+
+def test_eigen_exact_orders_and_signs():
+    M, U, _ = spectrum_matrix(5, 9)
+    Q = eigen_rotation(M, torch.eye(5, dtype=torch.float64)).Q
+    torch.testing.assert_close(Q.abs(), U.abs(), rtol=0, atol=1e-10)
+    pivots = Q.gather(0, Q.abs().argmax(dim=0, keepdim=True))
+    assert (pivots > 0).all()
+
+
+PROJ = {"sinkhorn": sinkhorn, "sinkhorn_alt": partial(sinkhorn, variant="alternating"), "sign": sign, "row_norm": row_norm}
+
+
+@given(
+    name=st.sampled_from(list(PROJ)),
+    policy=st.sampled_from(["aro", "eigen", "polar"]),
+    m=st.integers(2, 12),
+    n=st.integers(2, 24),
+    seed=st.integers(0, 2**16),
+)
+def test_column_sign_flips_of_R_leave_update_unchanged(name, policy, m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(m, n, generator=g, dtype=torch.float64)
+    R = householder_qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    D = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    f = PROJ[name]
+    a = rotated_step(M, R, policy=policy, f=f).update
+    b = rotated_step(M, R * D, policy=policy, f=f).update
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+@given(
+    log_scale=st.floats(-8, 4),
+    m=st.integers(1, 24),
+    n=st.integers(1, 48),
+    policy=st.sampled_from(["aro", "eigen", "polar", "eigen_exact"]),
+    qr=st.sampled_from(["householder", "shifted_cholesky"]),
+    rank=st.integers(1, 24),
+    seed=st.integers(0, 2**16),
+)
+def test_rotations_stay_orthogonal_across_gradient_scales(log_scale, m, n, policy, qr, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    rank = min(rank, m, n)
+    R = torch.eye(m)
+    for _ in range(3):  # a few steps from R_0 = I, new gradients each time
+        M = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) * 10.0**log_scale
+        out = rotated_step(M, R, policy=policy, f=sinkhorn, qr=qr)
+        R = out.rotation
+        assert R.dtype == torch.float32
+        assert orth_err(R) <= 1e-5
+        assert torch.isfinite(out.update).all()
+
+
+def test_zero_momentum_keeps_rotation_and_gives_zero_update():
+    R = householder_qr(torch.randn(2, 5, 5))
+    out = rotated_step(torch.zeros(2, 5, 8), R, policy="aro", f=sinkhorn, qr="shifted_cholesky")
+    assert torch.equal(out.rotation, R)
+    assert torch.equal(out.update, torch.zeros(2, 5, 8))
+    assert int(out.degenerate) == 2
+
+
+def test_adam_projection_stores_only_new_frame_second_moment():
+    f = AdamProjection(beta2=0.9)
+    M = torch.randn(4, 7, dtype=torch.float64)
+    R = householder_qr(torch.randn(4, 4, dtype=torch.float64))
+    V = torch.rand(4, 7, dtype=torch.float64)
+    V0 = V.clone()
+    bc = torch.tensor(0.5, dtype=torch.float64)
+    out = rotated_step(M, R, policy="aro", f=f, f_state=V, bias_correction=bc)
+    Z = out.rotation.T @ M
+    torch.testing.assert_close(V, 0.9 * V0 + 0.1 * Z * Z)  # V_t in the new frame, no V~ kept
+
+
+def test_identity_policy_has_no_rotation():
+    M = torch.randn(3, 5)
+    out = rotated_step(M, None, policy="identity", f=sinkhorn)
+    assert out.rotation is None
+    torch.testing.assert_close(out.update, sinkhorn(M))
+
+
+def test_unknown_policy_rejected():
+    with pytest.raises(ValueError, match="rotation policy"):
+        rotated_step(torch.randn(3, 3), torch.eye(3), policy="spin", f=sign)
