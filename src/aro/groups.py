@@ -8,9 +8,10 @@ role                 how it is recognised            optimizer
 hidden matrix        any other parameter with ndim>=2  ARO
 conv weight          weight of ``nn.Conv{1,2,3}d``    ARO, flattened to (out, in*k)
 embedding            weight of ``nn.Embedding``       AdamW (hybrid) / ARO (full)
-LM head              ``nn.Linear`` whose out_features equals an embedding's
-                     vocabulary, or named ``lm_head``; tied heads are the
-                     embedding tensor itself         AdamW (hybrid) / ARO (full)
+LM head              ``get_output_embeddings()``, else a module named
+                     ``lm_head``, else the last ``nn.Linear`` whose
+                     out_features is the embedding vocabulary; a tied
+                     head is the embedding tensor    AdamW (hybrid) / ARO (full)
 router               module named ``router`` or ``gate`` (MoE)  AdamW (hybrid) / ARO (full)
 norm gain, bias      ndim < 2                         AdamW
 ===================  ==============================  ==================
@@ -42,11 +43,14 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
     ``"embedding"``.
     """
     roles: dict[int, str] = {}
-    vocab_sizes = set()
+    vocab = 0
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             roles[id(module.weight)] = "embedding"
-            vocab_sizes.add(module.num_embeddings)
+            vocab = max(vocab, module.num_embeddings)
+    head = _find_head(model, vocab)
+    if head is not None and id(head.weight) not in roles:
+        roles[id(head.weight)] = "head"
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         weight = getattr(module, "weight", None)
@@ -54,8 +58,6 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
             continue
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             roles[id(weight)] = "conv"
-        elif isinstance(module, nn.Linear) and (leaf in _HEAD_NAMES or module.out_features in vocab_sizes):
-            roles[id(weight)] = "head"
         elif leaf in _ROUTER_NAMES and weight.ndim >= 2:
             roles[id(weight)] = "router"
     out: "OrderedDict[str, tuple[Tensor, str]]" = OrderedDict()
@@ -65,6 +67,23 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
             role = "vector"
         out[name] = (p, role)
     return out
+
+
+def _find_head(model: nn.Module, vocab: int) -> nn.Module | None:
+    """The LM head: ``get_output_embeddings()`` (Hugging Face), else a module named ``lm_head``,
+    else the last ``nn.Linear`` whose ``out_features`` is the (largest) embedding vocabulary."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        found = getter()
+        if isinstance(getattr(found, "weight", None), Tensor):
+            return found
+    last = None
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in _HEAD_NAMES and isinstance(getattr(module, "weight", None), Tensor):
+            return module
+        if isinstance(module, nn.Linear) and vocab and module.out_features == vocab:
+            last = module
+    return last
 
 
 def param_groups(model: nn.Module, mode: str = "hybrid", **overrides: Any) -> list[dict[str, Any]]:

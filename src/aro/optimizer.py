@@ -70,8 +70,9 @@ class ARO(Optimizer):
         beta: momentum EMA coefficient :math:`\beta` (default 0.95, the paper's).
         weight_decay: decoupled weight decay :math:`\lambda`, both paths (default 0.01, as AdamW).
         base: base projection f: ``"sinkhorn"`` (default, the paper's strongest variant),
-            ``"sign"``, ``"row_norm"``, ``"identity"``, ``"adam"`` (with look-ahead) or a
-            callable ``f(X) -> Tensor`` on ``(..., m, n)`` batches.
+            ``"sign"``, ``"row_norm"``, ``"identity"``, ``"adam"`` (with look-ahead),
+            ``"newton_schulz"`` (rotation-equivariant: Muon) or a callable ``f(X) -> Tensor``
+            on ``(..., m, n)`` batches.
         rotation: policy, one of ``"aro"`` (default), ``"eigen"``, ``"eigen_exact"``,
             ``"polar"``, ``"identity"`` (see :mod:`aro.functional.rotation`).
         qr: ``"householder"`` (default; exact and, on CPU, as fast as the alternative) or

@@ -124,3 +124,17 @@ def test_adam_second_moment_saturates_instead_of_overflowing():
 def test_make_projection_rejects_unknown_name():
     with pytest.raises(ValueError, match="base projection"):
         make_projection("muon")
+
+
+def test_newton_schulz_is_close_to_polar_and_equivariant():
+    from aro.functional.projections import newton_schulz
+    from aro.functional.qr import householder_qr, polar
+
+    X = torch.randn(2, 16, 40, dtype=torch.float64)
+    Y = newton_schulz(X)
+    cos = torch.nn.functional.cosine_similarity(Y.flatten(1), polar(X).flatten(1), dim=1)
+    assert (cos > 0.95).all()  # Muon's NS5 lands near, not on, U V^T
+    torch.testing.assert_close(rms(Y), torch.ones(2, dtype=torch.float64))
+    Q = householder_qr(torch.randn(16, 16, dtype=torch.float64))
+    torch.testing.assert_close(newton_schulz(Q @ X), Q @ Y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(newton_schulz(X.mT), Y.mT, rtol=1e-9, atol=1e-9)

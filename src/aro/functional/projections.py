@@ -35,6 +35,7 @@ __all__ = [
     "identity",
     "lookahead",
     "make_projection",
+    "newton_schulz",
     "project_",
     "rms_normalize",
     "row_norm",
@@ -161,6 +162,31 @@ def sinkhorn(
     return rms_normalize(a.unsqueeze(-1) * X * b.unsqueeze(-2))
 
 
+# Quintic Newton-Schulz coefficients of Muon (K. Jordan, github.com/KellerJordan/Muon), also
+# torch.optim.Muon's defaults: maximise the slope at zero, converge to singular values ~[0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(X: Tensor, *, steps: int = 5) -> Tensor:
+    r"""Approximate polar factor :math:`UV^\top` by Muon's quintic Newton-Schulz iteration, RMS 1.
+
+    Rotation-equivariant, so ARO with this f is Muon whatever the rotation (SPEC §9.1); with
+    ``rotation="identity"`` and ``nesterov=True`` it is Muon with RMS matching, and the benchmark
+    uses it for 3-D expert tensors, which :class:`torch.optim.Muon` does not accept.
+    Runs in the input's dtype (float32 here), not bf16 as Muon does.
+    """
+    a, b, c = NS_COEFFICIENTS
+    transposed = X.shape[-2] > X.shape[-1]
+    Y = X.mT if transposed else X
+    Y = unit_scale(Y)
+    Y = Y / torch.linalg.vector_norm(Y, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    for _ in range(steps):
+        A = Y @ Y.mT
+        B = b * A + c * (A @ A)
+        Y = a * Y + B @ Y
+    return rms_normalize(Y.mT if transposed else Y)
+
+
 @dataclass(frozen=True)
 class AdamProjection:
     r"""Adam as a base projection, with ARO's look-ahead (SPEC §3, "ARO-Adam").
@@ -209,6 +235,7 @@ STATELESS_PROJECTIONS: dict[str, Callable[..., Tensor]] = {
     "sign": sign,
     "row_norm": row_norm,
     "identity": identity,
+    "newton_schulz": newton_schulz,
 }
 
 
@@ -221,7 +248,7 @@ def make_projection(
     eps: float = 1e-8,
 ) -> Projection:
     """Resolve a projection name (``"sinkhorn"``, ``"sign"``, ``"row_norm"``, ``"identity"``,
-    ``"adam"``) or a user callable ``f(X) -> Tensor`` to a :data:`Projection`."""
+    ``"newton_schulz"``, ``"adam"``) or a user callable ``f(X) -> Tensor`` to a :data:`Projection`."""
     if callable(base):
         return base
     if base == "adam":

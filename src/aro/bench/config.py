@@ -1,0 +1,208 @@
+"""The benchmark configuration: one dataclass, its presets, and the command line made from it.
+
+Every option is declared once, as a field of :class:`BenchConfig`; the ``aro bench`` flags are
+generated from the fields (``lr_grid`` -> ``--lr-grid``), a JSON file given with ``--config``
+must use field names, and unknown keys or wrong types are rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .models import PRESETS as MODEL_PRESETS
+from .optimizers import OPTIMIZERS
+
+__all__ = ["BenchConfig", "PRESETS", "add_arguments", "config_from_args", "resolve"]
+
+ALL_OPTIMIZERS = tuple(OPTIMIZERS)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that defines a benchmark run (see docs/BENCHMARK.md for the protocol)."""
+
+    preset: str = "quick"
+    optimizers: tuple[str, ...] = ("aro-sinkhorn", "adamw", "muon")
+    model: str = "small"
+    data: str | None = None  # None: the Python standard library's source
+    steps: int = 300  # base step budget S
+    batch_size: int = 16
+    seeds: int = 2  # runs at the chosen lr: seeds 0..seeds-1 (seed 0 is the sweep run)
+    lr: float | None = None  # one lr for every optimizer (no sweep)
+    lr_grid: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+    lr_by_optimizer: dict[str, float] = field(default_factory=dict)  # fixed lrs, no sweep
+    warmup_frac: float = 0.05  # linear warmup over this fraction of the steps
+    min_lr_frac: float = 0.1  # cosine decays to this fraction of the peak lr
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_batches: int = 8
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast, float32 master weights)
+    overtrain: tuple[int, ...] = (1,)  # budgets as multiples of `steps`
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    out: str | None = None  # run folder; default runs/bench-<preset>
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
+        if unknown:
+            raise ValueError(f"--optimizers: unknown {unknown}; choose from {sorted(OPTIMIZERS)}")
+        if not self.optimizers:
+            raise ValueError("--optimizers: give at least one optimizer")
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"--model {self.model!r}: choose from {sorted(MODEL_PRESETS)}")
+        for name in self.lr_by_optimizer:
+            if name not in OPTIMIZERS:
+                raise ValueError(f"--lr-by-optimizer: unknown optimizer {name!r}")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "seeds": self.seeds, "eval_every": self.eval_every,
+                    "eval_batches": self.eval_batches}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        lrs = ([self.lr] if self.lr is not None else []) + list(self.lr_grid) + list(self.lr_by_optimizer.values())
+        if any(v <= 0 for v in lrs) or not self.lr_grid:
+            raise ValueError("learning rates must be positive and --lr-grid non-empty")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision {self.precision!r}: choose fp32 or bf16")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1:
+            raise ValueError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
+        if any(k < 1 for k in self.overtrain) or 1 not in self.overtrain:
+            raise ValueError("--overtrain multiples must be >= 1 and include 1")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/bench-{self.preset}")
+
+    def lr_candidates(self, optimizer: str) -> tuple[float, ...]:
+        if self.lr is not None:
+            return (self.lr,)
+        if optimizer in self.lr_by_optimizer:
+            return (self.lr_by_optimizer[optimizer],)
+        return self.lr_grid
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Learning rates of the quick preset: the ones the standard preset's sweep chose (seed 0, best
+# final validation loss). Source: benchmarks/results/summary.json, made by `aro bench --preset standard`.
+QUICK_LRS = {"aro-sinkhorn": 4e-3, "adamw": 4e-3, "muon": 4e-3}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: at most 10 minutes on 2 cores.
+    "quick": dict(optimizers=("aro-sinkhorn", "adamw", "muon"), steps=300, seeds=2, lr_by_optimizer=QUICK_LRS),
+    # The whole protocol: every optimizer, lr sweep, 3 seeds; about 2 hours on 2 cores.
+    "standard": dict(
+        optimizers=(
+            "adamw", "muon", "sinkgd", "eigen-sinkhorn", "eigen-adam",
+            "aro-sinkhorn", "aro-sign", "aro-adam", "aro-rownorm", "aro-sinkhorn-full",
+        ),
+        steps=600,
+        seeds=3,
+        lr_grid=(1e-3, 2e-3, 4e-3, 8e-3),
+    ),
+    # CI smoke test: seconds.
+    "smoke": dict(optimizers=("aro-sinkhorn", "adamw"), model="tiny", steps=12, seeds=1, batch_size=4, eval_every=4,
+                  eval_batches=2, lr_grid=(2e-3,)),
+}
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> BenchConfig:
+    """Preset values, then ``overrides`` (only keys that are fields)."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: choose from {sorted(PRESETS)}")
+    names = {f.name for f in fields(BenchConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys: {unknown}")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    if ("lr" in overrides or "lr_grid" in overrides) and "lr_by_optimizer" not in overrides:
+        values["lr_by_optimizer"] = {}  # an explicit lr or grid replaces the preset's fixed lrs
+    return BenchConfig(**values)
+
+
+# ---------------------------------------------------------------- command line from the fields
+def _parse_mapping(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected name=lr pairs, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = float(v)
+    return out
+
+
+def _converter(tp: Any):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is tuple:
+        inner = args[0]
+        return lambda s: tuple(inner(x) for x in filter(None, s.split(",")))
+    if origin is dict:
+        return _parse_mapping
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = next(a for a in args if a is not type(None))
+        return lambda s: None if s.lower() == "none" else inner(s)
+    return tp
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(BenchConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per field (defaults come from the preset, so none are set here)."""
+    parser.add_argument("--config", help="JSON file with config fields (applied before flags)")
+    types = _field_types()
+    for f in fields(BenchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = "comma-separated" if typing.get_origin(types[f.name]) in (tuple, dict) else ""
+        help_text = f"{kind} (field {f.name})".strip()
+        if f.name == "preset":
+            parser.add_argument(flag, default="quick", choices=sorted(PRESETS), help="preset to start from")
+        else:
+            parser.add_argument(flag, dest=f.name, type=_converter(types[f.name]), default=None, help=help_text)
+
+
+def _check_types(cfg: BenchConfig) -> None:
+    types = _field_types()
+    for f in fields(cfg):
+        value, tp = getattr(cfg, f.name), types[f.name]
+        origin = typing.get_origin(tp)
+        ok = True
+        if origin is tuple:
+            ok = isinstance(value, tuple) and all(isinstance(v, typing.get_args(tp)[0]) or
+                                                   (typing.get_args(tp)[0] is float and isinstance(v, int)) for v in value)
+        elif origin is dict:
+            ok = isinstance(value, dict)
+        elif origin is not None:  # Optional[x]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+            ok = value is None or isinstance(value, inner) or (inner is float and isinstance(value, int))
+        elif tp is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        if not ok:
+            raise TypeError(f"config field {f.name!r}: {value!r} is not of type {tp}")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    overrides: dict[str, Any] = {}
+    if args.config:
+        data = json.loads(Path(args.config).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object")
+        for key in ("optimizers", "lr_grid", "overtrain"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        overrides.update({k: v for k, v in data.items() if k != "preset"})
+    for f in fields(BenchConfig):
+        if f.name != "preset" and getattr(args, f.name, None) is not None:
+            overrides[f.name] = getattr(args, f.name)
+    return resolve(args.preset, overrides)

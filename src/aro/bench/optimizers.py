@@ -1,0 +1,103 @@
+"""The optimizers under test: one registry, whose names are the CLI choices.
+
+Every method gets the same learning rate scale: AdamW's. The ARO variants and the Muon baseline
+RMS-match every matrix update to 0.2 (AdamW's typical update RMS), so one lr grid serves all
+(SPEC §7). All variants but ``aro-sinkhorn-full`` are *hybrid*: embeddings, LM head, routers,
+norm gains and biases are trained by AdamW with the same lr, betas (0.9, 0.95) and weight decay.
+
+``muon`` is :class:`torch.optim.Muon` (``adjust_lr_fn="match_rms_adamw"``) on the hidden 2-D
+matrices. ``torch.optim.Muon`` accepts only 2-D parameters, so 3-D expert tensors (MoE model)
+get the same update through :class:`aro.ARO` with the rotation-equivariant Newton-Schulz base,
+identity rotation and Nesterov momentum, which is Muon with exact RMS matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import aro
+
+__all__ = ["ADAMW_BETAS", "OPTIMIZERS", "OptimizerSpec", "build_optimizers"]
+
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    description: str
+    build: Callable[[nn.Module, float, float], list[torch.optim.Optimizer]]
+    aro_options: dict[str, Any] = field(default_factory=dict)
+
+
+def _adamw(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
+    return [torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=wd)]
+
+
+def _muon(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
+    roles = aro.classify_parameters(model)
+    matrices = [(n, p) for n, (p, role) in roles.items() if role == "matrix" and p.ndim == 2]
+    batched = [(n, p) for n, (p, role) in roles.items() if role == "matrix" and p.ndim > 2]
+    taken = {id(p) for _, p in matrices + batched}
+    rest = [p for _, (p, _) in roles.items() if id(p) not in taken]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.Muon([p for _, p in matrices], lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW(rest, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=wd),
+    ]
+    if batched:
+        opts.append(
+            aro.ARO(
+                [p for _, p in batched],
+                lr=lr,
+                weight_decay=wd,
+                base="newton_schulz",
+                rotation="identity",
+                nesterov=True,
+            )
+        )
+    return opts
+
+
+def _aro(mode: str = "hybrid", **options: Any) -> Callable[[nn.Module, float, float], list[torch.optim.Optimizer]]:
+    def build(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
+        groups = aro.param_groups(model, mode=mode)
+        return [aro.ARO(groups, lr=lr, weight_decay=wd, betas=ADAMW_BETAS, eps=ADAMW_EPS, **options)]
+
+    return build
+
+
+def _spec(name: str, description: str, mode: str = "hybrid", **options: Any) -> OptimizerSpec:
+    return OptimizerSpec(name, description, _aro(mode, **options), {"mode": mode, **options})
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in [
+        OptimizerSpec("adamw", "torch.optim.AdamW on every parameter", _adamw),
+        OptimizerSpec("muon", "torch.optim.Muon (match_rms_adamw) on hidden matrices, AdamW elsewhere", _muon),
+        _spec("sinkgd", "momentum SinkGD: identity rotation, Sinkhorn f", rotation="identity", base="sinkhorn"),
+        _spec("eigen-sinkhorn", "eigen-rotation (power iteration on M M^T), Sinkhorn f", rotation="eigen", base="sinkhorn"),
+        _spec("eigen-adam", "eigen-rotation, Adam f: one-sided SOAP-like", rotation="eigen", base="adam"),
+        _spec("aro-sinkhorn", "ARO rotation, Sinkhorn f (the paper's default)", rotation="aro", base="sinkhorn"),
+        _spec("aro-sign", "ARO rotation, sign f", rotation="aro", base="sign"),
+        _spec("aro-adam", "ARO rotation, Adam f with look-ahead", rotation="aro", base="adam"),
+        _spec("aro-rownorm", "ARO rotation, row-norm f (converges toward Muon)", rotation="aro", base="row_norm"),
+        _spec("aro-sinkhorn-full", "ARO-Sinkhorn on every matrix, embeddings and LM head too", mode="full"),
+    ]
+}
+
+
+def build_optimizers(name: str, model: nn.Module, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+    opts = OPTIMIZERS[name].build(model, lr, weight_decay)
+    covered = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+    expected = {id(p) for p in model.parameters()}
+    if len(covered) != len(set(covered)) or set(covered) != expected:
+        raise RuntimeError(f"optimizer {name!r} does not cover every parameter exactly once")
+    return opts

@@ -1,0 +1,181 @@
+"""Figures and tables, made only from the logs of a run folder (``aro report RUN_DIR``).
+
+* ``figures/val_loss.png`` -- validation loss of every optimizer at its chosen lr (mean over
+  seeds, band = min..max), base budget;
+* ``figures/speedup.png`` -- speedup vs AdamW and vs Muon, mean with std error bars;
+* ``figures/lr_sweep.png`` -- final validation loss against lr (seed 0), chosen lr marked;
+* ``figures/overtrain.png`` -- speedup against budget, when overtraining budgets ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .protocol import BASELINES, _load_runs, summarize
+
+__all__ = ["format_table", "write_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
+
+
+def format_table(summary: dict) -> str:
+    """The end-of-run table: one row per optimizer at the base budget."""
+    head = ["optimizer", "lr", "final val loss", "speedup vs adamw", "speedup vs muon", "step ms", "opt ms", "step/adamw"]
+    rows = []
+    for name, e in summary["optimizers"].items():
+        if "final_val_loss" not in e:
+            continue
+        ratio = e["step_time_ratio"].get("adamw")
+        rows.append([
+            name + (" *" if e.get("lr_at_grid_edge") else ""),
+            f"{e['lr']:g}",
+            _fmt(e["final_val_loss"], 4),
+            _fmt(e["speedup"].get("adamw")),
+            _fmt(e["speedup"].get("muon")),
+            f"{1e3 * e['step_time_s']:.1f}" if e.get("step_time_s") else "-",
+            f"{1e3 * e['optimizer_step_time_s']:.2f}" if e.get("optimizer_step_time_s") else "-",
+            f"{ratio:.3f}" if ratio else "-",
+        ])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    text = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    n = summary.get("seeds")
+    text.append(f"mean±std over {n} seed(s); speedup = steps of the baseline / steps to reach its final val loss;"
+                " * = chosen lr at the edge of the grid")
+    return "\n".join(text)
+
+
+def write_report(out: Path, summary: dict | None = None) -> dict:
+    """(Re)build summary.json, summary.csv and figures/ from the logs in ``out``."""
+    out = Path(out)
+    summary = summary or summarize(out)
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    runs = _load_runs(out)
+    plt = _plt()
+    _val_loss_figure(plt, summary, runs, figs / "val_loss.png")
+    _speedup_figure(plt, summary, figs / "speedup.png")
+    _sweep_figure(plt, summary, figs / "lr_sweep.png")
+    if len(summary["budgets"]) > 1:
+        _overtrain_figure(plt, summary, figs / "overtrain.png")
+    (out / "report.txt").write_text(format_table(summary) + "\n")
+    return summary
+
+
+def _colors(names):
+    cmap = _plt().get_cmap("tab20")
+    return {n: cmap(i % 20) for i, n in enumerate(names)}
+
+
+def _val_loss_figure(plt, summary, runs, path):
+    base = summary["base_steps"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = _colors(list(summary["optimizers"]))
+    lows = []
+    for name, e in summary["optimizers"].items():
+        curves = [r["curve"] for r in runs if r["spec"]["optimizer"] == name and r["spec"]["lr"] == e["lr"]
+                  and r["spec"]["steps"] == base]
+        curves = [c for c in curves if all(v is not None for v in c["val_loss"])]
+        if not curves:
+            continue
+        n = min(len(c["step"]) for c in curves)
+        steps = np.array(curves[0]["step"][:n])
+        ys = np.array([c["val_loss"][:n] for c in curves])
+        mean = ys.mean(axis=0)
+        ax.plot(steps, mean, label=f"{name} (lr {e['lr']:g})", color=colors[name], lw=1.6)
+        if len(curves) > 1:
+            ax.fill_between(steps, ys.min(axis=0), ys.max(axis=0), color=colors[name], alpha=0.15)
+        lows.append((mean.min(), mean[len(mean) // 5] if len(mean) > 5 else mean[0]))
+    if lows:
+        lo = min(a for a, _ in lows)
+        hi = max(b for _, b in lows)
+        ax.set_ylim(lo - 0.02 * (hi - lo), hi)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"Validation loss at each optimizer's chosen lr ({summary['seeds']} seeds, band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _speedup_figure(plt, summary, path):
+    names = [n for n, e in summary["optimizers"].items() if e.get("speedup")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=False)
+    for ax, base in zip(axes, BASELINES):
+        shown = [n for n in names if summary["optimizers"][n]["speedup"].get(base, {}).get("mean") is not None]
+        means = [summary["optimizers"][n]["speedup"][base]["mean"] for n in shown]
+        stds = [summary["optimizers"][n]["speedup"][base]["std"] for n in shown]
+        ax.bar(range(len(shown)), means, yerr=stds, capsize=4, color=[_colors(names)[n] for n in shown])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(shown)), shown, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"speedup vs {base} (steps to reach {base}'s final loss)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sweep_figure(plt, summary, path):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = _colors(list(summary["optimizers"]))
+    for name, e in summary["optimizers"].items():
+        pts = sorted((float(lr), v) for lr, v in e["lr_sweep"].items() if v is not None and math.isfinite(v))
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, color=colors[name], ms=4)
+        ax.plot([e["lr"]], [e["lr_sweep"][str(e["lr"])]], "*", color=colors[name], ms=12)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (AdamW scale)")
+    ax.set_ylabel("final validation loss (seed 0)")
+    ax.set_title("learning-rate sweep (star = chosen)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _overtrain_figure(plt, summary, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = _colors(list(summary["optimizers"]))
+    for ax, base in zip(axes, BASELINES):
+        for name, e in summary["optimizers"].items():
+            blocks = [(1, e)] + [(int(k), b) for k, b in (e.get("overtrain") or {}).items()]
+            pts = [(k, b["speedup"][base]) for k, b in sorted(blocks, key=lambda kb: kb[0])
+                   if b.get("speedup", {}).get(base, {}).get("mean") is not None]
+            if len(pts) < 2:
+                continue
+            ax.errorbar([k for k, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                        marker="o", capsize=3, label=name, color=colors[name])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (x base steps)")
+        ax.set_title(f"speedup vs {base}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_summary(out: Path) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())

@@ -1,0 +1,211 @@
+"""One training run: a model, an optimizer, an lr, a seed, a step budget.
+
+Files in the run folder (all written atomically, temp file + rename):
+
+* ``metrics.jsonl`` -- one line per evaluation: ``step`` (steps done), ``val_loss``,
+  ``train_loss`` (mean since the previous line), ``lr``, ``step_times`` and ``opt_times``
+  (seconds per training step and per optimizer step, evaluation excluded);
+* ``checkpoint.pt`` -- model and optimizer state after the last evaluation (removed when done);
+* ``result.json`` -- written last; its presence marks the run finished.
+
+A killed run restarts from its checkpoint and loses at most one evaluation interval; batches
+are a pure function of ``(seed, step)`` and the model has no dropout, so the resumed run is
+the run that would have happened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import BenchConfig
+from .data import Corpus
+from .models import build_model
+from .optimizers import build_optimizers
+
+__all__ = ["RunSpec", "atomic_write_text", "lr_factor", "run_training"]
+
+# Steps at the start of a process run about 2x slow (allocator, caches); timing medians skip them.
+TIMING_WARMUP_STEPS = 10
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    optimizer: str
+    lr: float
+    seed: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}__lr{self.lr:g}__seed{self.seed}__steps{self.steps}"
+
+
+def lr_factor(step: int, steps: int, warmup_frac: float, min_lr_frac: float) -> float:
+    """Linear warmup, then cosine from 1 to ``min_lr_frac`` at the last step (``step`` is 0-based)."""
+    warmup = round(warmup_frac * steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return min_lr_frac + (1.0 - min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, autocast) -> float:
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast():
+            total += model.loss(x, y).item()
+    model.train()
+    return total / len(batches)
+
+
+def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool = True) -> dict:
+    """Train (or resume, or just read back) one run; returns the content of ``result.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path, metrics_path, ckpt_path = run_dir / "result.json", run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+
+    model = build_model(cfg.model, spec.seed)
+    optimizers = build_optimizers(spec.optimizer, model, spec.lr, cfg.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    seq_len = model.cfg.seq_len
+    val = corpus.val_batches(cfg.eval_batches, cfg.batch_size, seq_len)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+
+    start, lines = 0, []
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        start = ckpt["step"]
+        lines = [line for line in _read_lines(metrics_path) if line["step"] <= start]
+        atomic_write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
+    if not lines:
+        lines = [{"step": 0, "val_loss": evaluate(model, val, autocast), "train_loss": None, "lr": 0.0,
+                  "step_times": [], "opt_times": []}]
+        atomic_write_text(metrics_path, json.dumps(lines[0]) + "\n")
+
+    bar = _progress(spec, start, progress)
+    train_losses: list[float] = []
+    step_times: list[float] = []
+    opt_times: list[float] = []
+    diverged = False
+    params = list(model.parameters())
+    for step in range(start, spec.steps):
+        factor = lr_factor(step, spec.steps, cfg.warmup_frac, cfg.min_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        x, y = corpus.batch(spec.seed, step, cfg.batch_size, seq_len)
+        t0 = time.perf_counter()
+        with autocast():
+            loss = model.loss(x, y)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        t1 = time.perf_counter()
+        for opt in optimizers:
+            opt.step()
+        t2 = time.perf_counter()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        step_times.append(t3 - t0)
+        opt_times.append(t2 - t1)
+        value = loss.item()
+        train_losses.append(value)
+        if bar is not None:
+            bar.update(1)
+        done = step + 1
+        if not math.isfinite(value):
+            diverged = True
+        if done % cfg.eval_every == 0 or done == spec.steps or diverged:
+            val_loss = evaluate(model, val, autocast)
+            line = {
+                "step": done,
+                "val_loss": val_loss if math.isfinite(val_loss) else None,
+                "train_loss": statistics.fmean(train_losses) if all(map(math.isfinite, train_losses)) else None,
+                "lr": spec.lr * factor,
+                "step_times": step_times,
+                "opt_times": opt_times,
+            }
+            lines.append(line)
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
+            train_losses, step_times, opt_times = [], [], []
+            if bar is not None:
+                bar.set_postfix(val=f"{val_loss:.4f}")
+            if diverged or not math.isfinite(val_loss):
+                diverged = True
+                break
+            if done < spec.steps:
+                _atomic_save({"step": done, "model": model.state_dict(),
+                              "optimizers": [o.state_dict() for o in optimizers]}, ckpt_path)
+    if bar is not None:
+        bar.close()
+    result = _result(spec, lines, diverged, optimizers)
+    atomic_write_text(result_path, json.dumps(result, indent=1))
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return result
+
+
+def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) -> dict:
+    steps = [t for line in lines for t in line["step_times"]]
+    opts = [t for line in lines for t in line["opt_times"]]
+    skip = TIMING_WARMUP_STEPS if len(steps) > 2 * TIMING_WARMUP_STEPS else 0
+    stats: dict[str, int] = {}
+    for opt in optimizers:
+        if hasattr(opt, "stats"):
+            for k, v in opt.stats().items():
+                stats[k] = stats.get(k, 0) + v
+    return {
+        "spec": asdict(spec),
+        "final_val_loss": None if diverged else lines[-1]["val_loss"],
+        "diverged": diverged,
+        "step_time_s": statistics.median(steps[skip:]) if steps[skip:] else None,
+        "optimizer_step_time_s": statistics.median(opts[skip:]) if opts[skip:] else None,
+        "optimizer_stats": stats,
+    }
+
+
+def _progress(spec: RunSpec, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=spec.steps, initial=start, desc=f"{spec.optimizer} lr={spec.lr:g} seed={spec.seed}",
+                leave=False, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from aro.bench.cli import main
+from aro.bench.config import BenchConfig, resolve
+from aro.bench.protocol import summarize
+from aro.bench.report import format_table, write_report
+from aro.bench.train import lr_factor
+
+
+def _write_run(out: Path, optimizer: str, lr: float, seed: int, steps: int, losses: list[float]):
+    d = out / "runs" / f"{optimizer}__lr{lr:g}__seed{seed}__steps{steps}"
+    d.mkdir(parents=True)
+    evals = list(range(0, steps + 1, steps // (len(losses) - 1)))
+    lines = [{"step": s, "val_loss": v, "train_loss": v, "lr": lr, "step_times": [0.01] * 5, "opt_times": [0.002] * 5}
+             for s, v in zip(evals, losses)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = {"spec": {"optimizer": optimizer, "lr": lr, "seed": seed, "steps": steps}, "final_val_loss": losses[-1],
+              "diverged": False, "step_time_s": 0.01 if optimizer != "aro-sinkhorn" else 0.011,
+              "optimizer_step_time_s": 0.002, "optimizer_stats": {}}
+    (d / "result.json").write_text(json.dumps(result))
+
+
+def test_report_rebuilt_from_fixture_logs(tmp_path):
+    cfg = BenchConfig(optimizers=("aro-sinkhorn", "adamw", "muon"), steps=40, seeds=2, lr_grid=(1e-3, 2e-3),
+                      lr_by_optimizer={}, out=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    curves = {
+        "adamw": [5.0, 4.0, 3.0, 2.5, 2.0],
+        "muon": [5.0, 3.5, 2.6, 2.2, 1.9],
+        "aro-sinkhorn": [5.0, 3.0, 2.0, 1.9, 1.8],
+    }
+    for name, curve in curves.items():
+        _write_run(tmp_path, name, 1e-3, 0, 40, [v + 0.3 for v in curve])  # worse lr
+        for seed in (0, 1):
+            _write_run(tmp_path, name, 2e-3, seed, 40, [v + 0.01 * seed for v in curve])
+    summary = write_report(tmp_path)
+    aro_entry = summary["optimizers"]["aro-sinkhorn"]
+    assert aro_entry["lr"] == 2e-3 and aro_entry["lr_at_grid_edge"]
+    assert aro_entry["speedup"]["adamw"]["mean"] == pytest.approx(2.0)  # reaches 2.0 at step 20 of 40
+    assert aro_entry["final_val_loss"]["per_seed"] == [1.8, 1.81]
+    assert aro_entry["step_time_ratio"]["adamw"] == pytest.approx(1.1)
+    assert summary["optimizers"]["adamw"]["speedup"]["adamw"]["mean"] == pytest.approx(1.0)
+    for fig in ("val_loss.png", "speedup.png", "lr_sweep.png"):
+        assert (tmp_path / "figures" / fig).stat().st_size > 1000
+    assert (tmp_path / "summary.csv").read_text().startswith("optimizer,budget,lr")
+    table = format_table(summary)
+    assert "aro-sinkhorn" in table and "2.000" in table
+    assert summarize(tmp_path) == json.loads((tmp_path / "summary.json").read_text())
+    assert main(["report", str(tmp_path)]) == 0
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    steps = 100
+    f = [lr_factor(t, steps, 0.05, 0.1) for t in range(steps)]
+    assert f[0] == pytest.approx(0.2) and f[4] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        resolve("quick", {"stepz": 3})
+    with pytest.raises(ValueError, match="optimizers"):
+        resolve("quick", {"optimizers": ("sgd",)})
+    with pytest.raises(TypeError, match="steps"):
+        resolve("quick", {"steps": "many"})
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"steps": 5, "typo": 1}))
+    assert main(["bench", "--config", str(cfg_file), "--out", str(tmp_path / "o")]) == 2
+    assert resolve("quick", {"lr_grid": (1e-3,)}).lr_by_optimizer == {}  # a grid replaces the preset's lrs
+
+
+def test_smoke_bench_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
+    from aro.bench import train
+
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert main(["bench", "--preset", "smoke", "--out", str(out_a), "--no-progress"]) == 0
+    # crash the second run in the middle (after its first checkpoint), then resume
+    calls = {"n": 0}
+    real = train.evaluate
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--preset", "smoke", "--out", str(out_b), "--no-progress"])
+    monkeypatch.setattr(train, "evaluate", real)
+    assert main(["bench", "--preset", "smoke", "--out", str(out_b), "--no-progress"]) == 0
+    for run in (out_a / "runs").iterdir():
+        a = [json.loads(x)["val_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        b = [json.loads(x)["val_loss"] for x in (out_b / "runs" / run.name / "metrics.jsonl").read_text().splitlines()]
+        assert a == b, run.name
+        assert not (out_b / "runs" / run.name / "checkpoint.pt").exists()
+    # a finished benchmark is not redone; a changed config is refused
+    assert main(["bench", "--preset", "smoke", "--out", str(out_b), "--no-progress"]) == 0
+    assert main(["bench", "--preset", "smoke", "--steps", "8", "--out", str(out_b), "--no-progress"]) == 2
