@@ -69,7 +69,7 @@ def check_parity(opt, params, reference, ref_params):
         if policy != "identity":
             R = st["rotation"].numpy().reshape(-1, *st["rotation"].shape[-2:])
             for e in range(R.shape[0]):
-                assert rel(R[e], ref_st.R[e]) < 1e-10
+                assert rel(R[e], reference.rotations[(k, e)]) < 1e-10
         if base == "adam":
             V = st["exp_avg_sq"].numpy().reshape(len(ref_st.V), *ref_st.V[0].shape)
             for e in range(V.shape[0]):

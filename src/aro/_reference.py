@@ -30,23 +30,22 @@ def _to_rms1(X: np.ndarray) -> np.ndarray:
 
 
 def sinkhorn(X: np.ndarray, num_iters: int, variant: str, eps: float = 1e-8) -> np.ndarray:
+    """Sinkhorn with explicit diagonal matrices: Y = D_a X D_b.
+
+    Simultaneous: Y <- sqrt(mn) Dr(Y)^-1 Y Dc(Y)^-1, i.e. a <- sqrt(n)/||rows of X D_b||,
+    b <- sqrt(m)/||cols of D_a X|| with the old a; alternating uses the new a. Norms are
+    floored at eps (X divided by its largest entry first).
+    """
     m, n = X.shape
-    Y = X / np.abs(X).max()
+    X0 = X / np.abs(X).max()
+    a, b = np.ones(m), np.ones(n)
     for _ in range(num_iters):
-        if variant == "simultaneous":
-            # Y <- sqrt(mn) Dr(Y)^-1 Y Dc(Y)^-1
-            r = np.linalg.norm(Y, axis=1)
-            c = np.linalg.norm(Y, axis=0)
-            r = np.where(r > eps, r / np.sqrt(n), 1.0)
-            c = np.where(c > eps, c / np.sqrt(m), 1.0)
-            Y = Y / r[:, None] / c[None, :]
-        else:
-            # Y <- sqrt(n) Dr(Y)^-1 Y ; Y <- sqrt(m) Y Dc(Y)^-1
-            r = np.linalg.norm(Y, axis=1)
-            Y = Y / np.where(r > eps, r / np.sqrt(n), 1.0)[:, None]
-            c = np.linalg.norm(Y, axis=0)
-            Y = Y / np.where(c > eps, c / np.sqrt(m), 1.0)[None, :]
-    return _to_rms1(Y)
+        a_new = np.sqrt(n) / np.maximum(np.linalg.norm(X0 @ np.diag(b), axis=1), eps)
+        if variant == "alternating":
+            a = a_new
+        b = np.sqrt(m) / np.maximum(np.linalg.norm(np.diag(a) @ X0, axis=0), eps)
+        a = a_new
+    return _to_rms1(np.diag(a) @ X0 @ np.diag(b))
 
 
 def sign(X: np.ndarray) -> np.ndarray:
@@ -84,16 +83,20 @@ def eigvecs_descending(C: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _MatrixState:
-    M: np.ndarray  # momentum, parameter layout
-    R: list[np.ndarray]  # one rotation per matrix (oriented)
-    V: list[np.ndarray]  # Adam second moments, rotated frame
+    M: np.ndarray  # momentum, parameter layout (batched: E x m0 x n0)
+    V: list[np.ndarray]  # Adam second moments, rotated frame, one per matrix
     transposed: bool
     step: int = 0
 
 
 @dataclass
 class ReferenceARO:
-    """Float64 reference ARO over a list of 2-D or 3-D NumPy arrays (modified in place)."""
+    """Float64 reference ARO over a list of 2-D or 3-D NumPy arrays (modified in place).
+
+    ``shared`` lists shared rotations as ``[[param_index, "rows"|"cols"], ...]`` (the indices
+    of :class:`aro.ARO`'s ``shared`` group key); every other matrix has its own rotation.
+    Rotations are kept in ``rotations``: key ``("shared", k)`` or ``(param_index, expert)``.
+    """
 
     lr: float = 1e-3
     beta: float = 0.95
@@ -107,7 +110,10 @@ class ReferenceARO:
     orientation: str = "auto"
     beta2: float = 0.95
     eps: float = 1e-8
+    shared: list | None = None
+    estimator: str = "sum"
     states: dict[int, _MatrixState] = field(default_factory=dict)
+    rotations: dict = field(default_factory=dict)
 
     def f(self, X: np.ndarray) -> np.ndarray:
         if self.base == "sinkhorn":
@@ -120,54 +126,77 @@ class ReferenceARO:
         D = Z / (np.sqrt(V_new / (1 - self.beta2**step)) + self.eps)
         return _to_rms1(D), V_new
 
-    def _matrix_update(self, X: np.ndarray, st: _MatrixState, k: int) -> np.ndarray:
-        """The update U for one oriented momentum matrix X (m x n)."""
-        m, n = X.shape
+    def _unit(self, key, members: list[tuple[np.ndarray, _MatrixState, int]]) -> list[np.ndarray]:
+        """Updates U_j for the oriented momenta X_j of one unit (X_j, its state, matrix index)."""
         adam = self.base == "adam"
+        step = members[0][1].step
+
+        def project(X, st, k, look):  # f in the frame of X, Adam state only written when not look-ahead
+            if not adam:
+                return self.f(X)
+            D, V = self.adam(X, st.V[k], step)
+            if not look:
+                st.V[k] = V
+            return D
+
         if self.rotation == "identity":
-            if adam:
-                D, st.V[k] = self.adam(X, st.V[k], st.step)
-                return D
-            return self.f(X)
-        R = st.R[k]
+            return [project(X, st, k, False) for X, st, k in members]
+        d = members[0][0].shape[0]
+        R = self.rotations.get(key, np.eye(d))
         if self.rotation == "eigen_exact":
-            R = eigvecs_descending(X @ X.T)
+            R = eigvecs_descending(sum(X @ X.T for X, _, _ in members))
         else:
+            scale = max(np.abs(X).max() for X, _, _ in members)
+            Xs = [X / scale for X, _, _ in members]
             if self.rotation == "eigen":
-                A = X @ X.T @ R
+                A = sum(Y @ Y.T @ R for Y in Xs)
+            elif self.estimator == "stack" and len(members) > 1:
+                stack = np.hstack(Xs)
+                A = stack @ self.f(R.T @ stack).T
             else:
-                Z = R.T @ X
-                F = self.adam(Z, st.V[k], st.step)[0] if adam else self.f(Z)  # look-ahead
-                A = X @ F.T
+                A = sum(Y @ project(R.T @ X, st, k, True).T for Y, (X, st, k) in zip(Xs, members))
             A = A / np.linalg.norm(A) + _DELTA * R
             R = polar(A) if self.rotation == "polar" else qr_q(A)
-        st.R[k] = R
-        Z = R.T @ X
-        if adam:
-            D, st.V[k] = self.adam(Z, st.V[k], st.step)
-        else:
-            D = self.f(Z)
-        return R @ D
+        self.rotations[key] = R
+        out = []
+        for X, st, k in members:
+            U = R @ project(R.T @ X, st, k, False)
+            if X.shape[1] < X.shape[0]:  # tall member: back onto the span of its momentum
+                Q = np.linalg.qr(X)[0]
+                U = Q @ (Q.T @ U)
+            out.append(U)
+        return out
 
     def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        sides = {i: side for spec in (self.shared or []) for i, side in spec}
+        batches = {}
         for i, (W, G) in enumerate(zip(params, grads)):
-            batch = W[None] if W.ndim == 2 else W
+            batch = W[None] if W.ndim == 2 else W  # a view: writing batch writes W
             gb = G[None] if G.ndim == 2 else G
             E, m0, n0 = batch.shape
             if i not in self.states:
-                transposed = self.orientation == "cols" or (self.orientation == "auto" and m0 > n0)
+                if i in sides:
+                    transposed = sides[i] == "cols"
+                else:
+                    transposed = self.orientation == "cols" or (self.orientation == "auto" and m0 > n0)
                 m, n = (n0, m0) if transposed else (m0, n0)
-                self.states[i] = _MatrixState(
-                    np.zeros_like(batch), [np.eye(m) for _ in range(E)], [np.zeros((m, n)) for _ in range(E)], transposed
-                )
+                self.states[i] = _MatrixState(np.zeros_like(batch), [np.zeros((m, n)) for _ in range(E)], transposed)
             st = self.states[i]
             st.step += 1
             st.M = self.beta * st.M + (1 - self.beta) * gb
             M_eff = self.beta * st.M + (1 - self.beta) * gb if self.nesterov else st.M
-            for k in range(E):
-                X = M_eff[k].T if st.transposed else M_eff[k]
-                U = self._matrix_update(X, st, k)
+            batches[i] = (batch, [(M_eff[k].T if st.transposed else M_eff[k]) for k in range(E)])
+        units = []
+        for k, spec in enumerate(self.shared or []):
+            units.append((("shared", k), [(i, e) for i, _ in spec for e in range(len(batches[i][1]))]))
+        for i in range(len(params)):
+            if i not in sides:
+                units += [((i, e), [(i, e)]) for e in range(len(batches[i][1]))]
+        for key, members in units:
+            Us = self._unit(key, [(batches[i][1][e], self.states[i], e) for i, e in members])
+            for (i, e), U in zip(members, Us):
                 if self.rms_target is not None:
                     U = self.rms_target * U / _rms(U)
-                U = U.T if st.transposed else U
-                batch[k] = (1 - self.lr * self.weight_decay) * batch[k] - self.lr * U
+                U = U.T if self.states[i].transposed else U
+                batch = batches[i][0]
+                batch[e] = (1 - self.lr * self.weight_decay) * batch[e] - self.lr * U

@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .sharing import SHARING_MODES, plan_residual_stream, sharing_specs, warn_unshared
+
 __all__ = ["MODES", "classify_parameters", "param_groups"]
 
 MODES = ("hybrid", "full")
@@ -86,23 +88,32 @@ def _find_head(model: nn.Module, vocab: int) -> nn.Module | None:
     return last
 
 
-def param_groups(model: nn.Module, mode: str = "hybrid", **overrides: Any) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none", **overrides: Any) -> list[dict[str, Any]]:
     """Param groups for :class:`aro.ARO` (and any optimizer taking named param groups).
 
     Args:
         model: the model.
         mode: ``"hybrid"`` (embeddings, LM head and routers on AdamW) or ``"full"`` (ARO on
             every matrix).
-        **overrides: hyperparameters set on the ARO groups (e.g. ``rotation="eigen"``).
+        sharing: ``"none"`` (a rotation per matrix), ``"global"`` (one rotation for the
+            residual stream) or ``"chain"`` (a rotation between consecutive blocks); see
+            :mod:`aro.sharing`. Matrices the plan cannot place keep their own rotation and are
+            listed in one warning.
+        **overrides: hyperparameters set on the ARO groups (e.g. ``rotation="eigen"``,
+            ``estimator="stack"``).
 
     Returns:
-        Up to three groups, each with named parameters: ARO matrices, ARO conv weights
-        (``matrix_view="flatten"``) and AdamW parameters. Empty groups are left out.
+        Up to three groups, each with named parameters: ARO matrices (with the ``shared``
+        plan, if any), ARO conv weights (``matrix_view="flatten"``) and AdamW parameters.
+        Empty groups are left out.
     """
     if mode not in MODES:
         raise ValueError(f"Invalid mode: {mode!r}; expected one of {MODES}")
+    if sharing not in SHARING_MODES:
+        raise ValueError(f"Invalid sharing: {sharing!r}; expected one of {SHARING_MODES}")
+    roles = classify_parameters(model)
     aro, conv, adamw = [], [], []
-    for name, (p, role) in classify_parameters(model).items():
+    for name, (p, role) in roles.items():
         if role == "vector" or (mode == "hybrid" and role in ("embedding", "head", "router")):
             adamw.append((name, p))
         elif role == "conv":
@@ -111,7 +122,17 @@ def param_groups(model: nn.Module, mode: str = "hybrid", **overrides: Any) -> li
             aro.append((name, p))
     groups = []
     if aro:
-        groups.append({"params": aro, "algorithm": "aro", **overrides})
+        group: dict[str, Any] = {"params": aro, "algorithm": "aro", **overrides}
+        if sharing != "none":
+            placements, left, L = plan_residual_stream(model, roles, [n for n, _ in aro])
+            specs = sharing_specs(placements, sharing, L)
+            warn_unshared(left, sharing)
+            ordered = [(pl.name, pl.param) for spec in specs for pl in spec]
+            placed = {n for n, _ in ordered}
+            group["params"] = ordered + [(n, p) for n, p in aro if n not in placed]
+            position = {n: i for i, (n, _) in enumerate(group["params"])}
+            group["shared"] = [[[position[pl.name], pl.side] for pl in spec] for spec in specs]
+        groups.append(group)
     if conv:
         groups.append({"params": conv, "algorithm": "aro", "matrix_view": "flatten", **overrides})
     if adamw:

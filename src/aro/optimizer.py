@@ -8,7 +8,6 @@ ARO path; everything else (and any group with ``algorithm="adamw"``) takes a bui
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
@@ -19,17 +18,11 @@ from torch.optim import Optimizer
 
 from . import state_keys as K
 from .functional.adamw import adamw_
-from .functional.projections import SINKHORN_VARIANTS, STATELESS_PROJECTIONS, AdamProjection, make_projection
-from .functional.qr import QR_METHODS
-from .functional.rotation import ROTATION_POLICIES, rotated_step
-from .layout import MATRIX_VIEWS, ORIENTATIONS, MatrixShape, matrix_shape, oriented, resolve_orientation, unoriented
+from .engine import expected_shapes, init_state, plan_units, run_units, shared_owner
+from .functional.projections import make_projection
+from .validation import validate_hyperparameters, validate_param, validate_sharing
 
 __all__ = ["ARO"]
-
-ALGORITHMS = ("auto", "aro", "adamw")
-NONFINITE_POLICIES = ("skip", "raise")
-BASE_NAMES = tuple(sorted(STATELESS_PROJECTIONS)) + ("adam",)
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype computes (and keeps state) in float32."""
@@ -148,8 +141,10 @@ class ARO(Optimizer):
             nonfinite=nonfinite,
             algorithm="auto",
             matrix_view="auto",
+            shared=None,
+            estimator="sum",
         )
-        _validate_hyperparameters(defaults)
+        validate_hyperparameters(defaults)
         self._counters: dict[tuple[str, torch.device], Tensor] = {}
         self._last_qr_count = 0
         self._warned_nonfinite = False
@@ -161,9 +156,10 @@ class ARO(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_hyperparameters(group)
+            validate_hyperparameters(group)
             for i, p in enumerate(group["params"]):
-                _validate_param(group, p, _param_label(group, i, p))
+                validate_param(group, p, _param_label(group, i, p))
+            validate_sharing(group)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -202,9 +198,11 @@ class ARO(Optimizer):
         """Drop (or raise for) parameters whose gradient holds NaN or Inf; one host sync."""
         if not params:
             return params
-        # max |g| never overflows and propagates NaN
-        amax = torch._foreach_norm([p.grad for p in params], ord=math.inf)
-        finite = torch.isfinite(torch.stack([a.float().to(amax[0].device) for a in amax])).cpu()
+        # min and max of each gradient: NaN propagates, +-Inf shows, and unlike a norm they
+        # cannot overflow for large finite gradients (1e30 is a legal float32 gradient)
+        ext = [torch.stack(torch.aminmax(p.grad)).float() if p.grad.numel() else torch.zeros(2) for p in params]
+        device = ext[0].device
+        finite = torch.isfinite(torch.stack([e.to(device) for e in ext])).all(dim=1).cpu()
         if bool(finite.all()):
             return params
         bad = [p for p, ok in zip(params, finite.tolist()) if not ok]
@@ -247,43 +245,24 @@ class ARO(Optimizer):
             maximize=group["maximize"],
         )
 
-    def _init_aro_state(self, group: dict[str, Any], p: Tensor) -> None:
-        state = self.state[p]
-        dt = _compute_dtype(p.dtype)
-        orientation = resolve_orientation(tuple(p.shape), group["orientation"], group["matrix_view"])
-        ms = matrix_shape(tuple(p.shape), orientation, group["matrix_view"])
-        state[K.STEP] = torch.tensor(0.0)
-        state[K.ORIENTATION] = orientation
-        state[K.MOMENTUM] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
-        if group["rotation"] != "identity":
-            eye = torch.eye(ms.m, dtype=dt, device=p.device)
-            state[K.ROTATION] = eye.expand(_rotated_state_shape(group, p, ms, ms.m)).clone()
-        if group["base"] == "adam":
-            state[K.EXP_AVG_SQ] = torch.zeros(_rotated_state_shape(group, p, ms, ms.n), dtype=dt, device=p.device)
-
-    def _matrix_shape(self, group: dict[str, Any], p: Tensor) -> MatrixShape:
-        return matrix_shape(tuple(p.shape), self.state[p][K.ORIENTATION], group["matrix_view"])
-
     def _aro_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not params:
             return
-        for p in params:
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        owners = shared_owner(group)
+        # a shared rotation lives on its owner, which needs state even when it has no gradient
+        needing = params + [group["params"][owners[index[id(p)]][0]] for p in params if index[id(p)] in owners]
+        for p in needing:
             if not self.state[p]:
-                self._init_aro_state(group, p)
+                init_state(group, index[id(p)], p, self.state[p], _compute_dtype(p.dtype))
         states = [self.state[p] for p in params]
-        beta = group["beta"]
         bufs = [s[K.MOMENTUM] for s in states]
         grads = [p.grad.to(b.dtype) for p, b in zip(params, bufs)]
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
         # M = beta*M + (1-beta)*G
-        torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+        torch._foreach_lerp_(bufs, grads, 1.0 - group["beta"])
         torch._foreach_add_([s[K.STEP] for s in states], 1)
-
-        buckets: dict[tuple, list[int]] = defaultdict(list)
-        shapes = [self._matrix_shape(group, p) for p in params]
-        for i, (b, ms) in enumerate(zip(bufs, shapes)):
-            buckets[(b.device, b.dtype, ms.m, ms.n)].append(i)
         f = make_projection(
             group["base"],
             sinkhorn_iters=group["sinkhorn_iters"],
@@ -291,51 +270,12 @@ class ARO(Optimizer):
             beta2=group["betas"][1],
             eps=group["eps"],
         )
-        for idx in buckets.values():
-            self._aro_bucket(group, f, [params[i] for i in idx], [grads[i] for i in idx], [shapes[i] for i in idx])
-
-    def _aro_bucket(
-        self, group: dict[str, Any], f: Any, params: list[Tensor], grads: list[Tensor], shapes: list[MatrixShape]
-    ) -> None:
-        """ARO on one batch of same-shape oriented matrices: one batched computation."""
-        states = [self.state[p] for p in params]
-        counts = [ms.count for ms in shapes]
-        beta, policy = group["beta"], group["rotation"]
-        M = torch.cat([oriented(s[K.MOMENTUM], ms) for s, ms in zip(states, shapes)])
-        if group["nesterov"]:
-            G = torch.cat([oriented(g, ms) for g, ms in zip(grads, shapes)])
-            M = torch.lerp(G, M, beta)  # beta*M + (1-beta)*G
-        R = None if policy == "identity" else torch.cat([s[K.ROTATION].reshape(-1, ms.m, ms.m) for s, ms in zip(states, shapes)])
-        V = bias_correction = None
-        if isinstance(f, AdamProjection):
-            V = torch.cat([s[K.EXP_AVG_SQ].reshape(-1, ms.m, ms.n) for s, ms in zip(states, shapes)])
-            beta2 = group["betas"][1]
-            bc = [1.0 - beta2 ** float(s[K.STEP]) for s, c in zip(states, counts) for _ in range(c)]
-            bias_correction = torch.tensor(bc, dtype=M.dtype, device=M.device).view(-1, 1, 1)
-        out = rotated_step(
-            M, R, policy=policy, f=f, f_state=V, bias_correction=bias_correction, qr=group["qr"]
+        units = plan_units(group, params, self.state)
+        updates, n_rotations = run_units(
+            group, units, self.state, {id(p): g for p, g in zip(params, grads)}, f, self._count
         )
-        if out.rotation is not None:
-            self._last_qr_count += out.rotation.shape[0]
-            self._count("qr_fallbacks", out.fallbacks)
-            self._count("degenerate_rotations", out.degenerate)
-            torch._foreach_copy_(
-                [s[K.ROTATION] for s in states],
-                [r.reshape(s[K.ROTATION].shape) for r, s in zip(out.rotation.split(counts), states)],
-            )
-        if V is not None:
-            torch._foreach_copy_(
-                [s[K.EXP_AVG_SQ] for s in states],
-                [v.reshape(s[K.EXP_AVG_SQ].shape) for v, s in zip(V.split(counts), states)],
-            )
-        U = out.update
-        rho = group["rms_target"]
-        if rho is not None:
-            # U = rho * U / RMS(U), per matrix (zero updates stay zero)
-            rms = U.square().mean(dim=(-2, -1), keepdim=True).sqrt()
-            U = U * torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0)
-        updates = [unoriented(u, ms, tuple(p.shape)) for u, ms, p in zip(U.split(counts), shapes, params)]
-        _apply_update_(params, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"])
+        self._last_qr_count += n_rotations
+        _apply_update_(params, [updates[id(p)] for p in params], lr=float(group["lr"]), weight_decay=group["weight_decay"])
 
     # ------------------------------------------------------------------ stats
     def _count(self, name: str, value: Tensor) -> None:
@@ -377,7 +317,7 @@ class ARO(Optimizer):
                 )
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 if pid in saved_state:
-                    _check_saved_state(saved, p, saved_state[pid], _param_label(group, i, p))
+                    _check_saved_state(saved, i, p, saved_state[pid], _param_label(group, i, p))
                     pairs.append((p, saved_state[pid]))
         super().load_state_dict(state_dict)
         for p, saved in pairs:
@@ -385,14 +325,6 @@ class ARO(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
-def _batched(group: dict[str, Any], p: Tensor) -> bool:
-    return p.ndim == 3 and group["matrix_view"] == "auto"
-
-
-def _rotated_state_shape(group: dict[str, Any], p: Tensor, ms: MatrixShape, last: int) -> tuple[int, ...]:
-    return (ms.count, ms.m, last) if _batched(group, p) else (ms.m, last)
-
-
 def _apply_update_(params: list[Tensor], updates: list[Tensor], *, lr: float, weight_decay: float) -> None:
     """W = (1 - lr*wd)*W - lr*U; low-precision parameters are rounded once, at the end."""
     same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
@@ -424,8 +356,8 @@ def _copy_state_value(key: str, value: Any, p: Tensor) -> Any:
     return copy.deepcopy(value)
 
 
-def _check_saved_state(group: dict[str, Any], p: Tensor, st: dict[str, Any], label: str) -> None:
-    """Raise ValueError if the saved state ``st`` cannot belong to ``p``."""
+def _check_saved_state(group: dict[str, Any], index: int, p: Tensor, st: dict[str, Any], label: str) -> None:
+    """Raise ValueError if the saved state ``st`` cannot belong to parameter ``index`` of ``group``."""
     for key in (K.MOMENTUM, K.EXP_AVG):
         if key in st and tuple(st[key].shape) != tuple(p.shape):
             raise ValueError(f"saved state {key!r} has shape {tuple(st[key].shape)}, which does not fit {label}")
@@ -438,77 +370,9 @@ def _check_saved_state(group: dict[str, Any], p: Tensor, st: dict[str, Any], lab
         raise ValueError(f"saved state 'orientation' is {orientation!r} for {label}; expected 'rows' or 'cols'")
     if p.ndim < 2:
         raise ValueError(f"saved state holds a rotation, but {label} is not a matrix")
-    view = group.get("matrix_view", "auto")
-    ms = matrix_shape(tuple(p.shape), orientation, view)
-    batched = p.ndim == 3 and view == "auto"
-    expected = {K.ROTATION: (ms.count, ms.m, ms.m) if batched else (ms.m, ms.m)}
-    expected[K.EXP_AVG_SQ] = (ms.count, ms.m, ms.n) if batched else (ms.m, ms.n)
-    for key, shape in expected.items():
-        if key in st and tuple(st[key].shape) != shape:
+    owners = shared_owner(group)
+    if index in owners and owners[index][1] != orientation:
+        raise ValueError(f"saved orientation {orientation!r} of {label} differs from the sharing plan's {owners[index][1]!r}")
+    for key, shape in expected_shapes(group, index, p, orientation).items():
+        if shape is not None and key in st and tuple(st[key].shape) != shape:
             raise ValueError(f"saved state {key!r} has shape {tuple(st[key].shape)}, expected {shape} for {label}")
-
-
-def _validate_param(group: dict[str, Any], p: Tensor, label: str) -> None:
-    if not isinstance(p, Tensor):
-        raise TypeError(f"ARO params must be tensors, got {type(p).__name__} for {label}")
-    if p.is_complex():
-        raise ValueError(f"ARO does not support complex parameters: {label}; view it as real with torch.view_as_real")
-    if not p.is_floating_point():
-        raise ValueError(f"ARO needs floating-point parameters: {label}")
-    if group["algorithm"] == "aro" and p.ndim < 2:
-        raise ValueError(
-            f"algorithm='aro' needs matrices, but {label} has {p.ndim} dimension(s); "
-            "put it in a group with algorithm='adamw' (or 'auto')"
-        )
-
-
-def _validate_hyperparameters(g: dict[str, Any]) -> None:
-    """ValueError/TypeError naming the argument and its value."""
-
-    def number(name: str, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True) -> None:
-        v = g[name]
-        if isinstance(v, Tensor):
-            if v.numel() != 1:
-                raise ValueError(f"Invalid {name}: tensor with {v.numel()} elements; expected one")
-            v = float(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"Invalid {name}: {g[name]!r}; expected a number")
-        bad = (v <= lo if lo_open else v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)) or math.isnan(v)
-        if bad:
-            lo_b, hi_b = ("(" if lo_open else "["), (")" if hi_open else "]")
-            raise ValueError(f"Invalid {name}: {v}; expected a value in {lo_b}{lo}, {hi if hi is not None else 'inf'}{hi_b}")
-
-    def choice(name: str, options: tuple) -> None:
-        if g[name] not in options:
-            raise ValueError(f"Invalid {name}: {g[name]!r}; expected one of {options}")
-
-    def flag(name: str) -> None:
-        if not isinstance(g[name], bool):
-            raise TypeError(f"Invalid {name}: {g[name]!r}; expected True or False")
-
-    number("lr", 0.0)
-    number("beta", 0.0, 1.0)
-    number("weight_decay", 0.0)
-    if not callable(g["base"]):
-        choice("base", BASE_NAMES)
-    choice("rotation", ROTATION_POLICIES)
-    choice("qr", QR_METHODS)
-    it = g["sinkhorn_iters"]
-    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
-        raise ValueError(f"Invalid sinkhorn_iters: {it!r}; expected an integer >= 1")
-    choice("sinkhorn_variant", SINKHORN_VARIANTS)
-    flag("nesterov")
-    if g["rms_target"] is not None:
-        number("rms_target", 0.0, lo_open=True, hi=None)
-    choice("orientation", ORIENTATIONS)
-    betas = g["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    for j, b in enumerate(betas):
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid betas[{j}]: {b!r}; expected a value in [0, 1)")
-    number("eps", 0.0)
-    flag("maximize")
-    choice("nonfinite", NONFINITE_POLICIES)
-    choice("algorithm", ALGORITHMS)
-    choice("matrix_view", MATRIX_VIEWS)

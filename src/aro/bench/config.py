@@ -36,6 +36,8 @@ class BenchConfig:
     seeds: int = 2  # runs at the chosen lr: seeds 0..seeds-1 (seed 0 is the sweep run)
     lr: float | None = None  # one lr for every optimizer (no sweep)
     lr_grid: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+    # per-optimizer grids (name -> grid), each with as many points as lr_grid
+    lr_grid_by_optimizer: dict[str, tuple[float, ...]] = field(default_factory=dict)
     lr_by_optimizer: dict[str, float] = field(default_factory=dict)  # fixed lrs, no sweep
     warmup_frac: float = 0.05  # linear warmup over this fraction of the steps
     min_lr_frac: float = 0.1  # cosine decays to this fraction of the peak lr
@@ -57,15 +59,25 @@ class BenchConfig:
             raise ValueError("--optimizers: give at least one optimizer")
         if self.model not in MODEL_PRESETS:
             raise ValueError(f"--model {self.model!r}: choose from {sorted(MODEL_PRESETS)}")
-        for name in self.lr_by_optimizer:
-            if name not in OPTIMIZERS:
-                raise ValueError(f"--lr-by-optimizer: unknown optimizer {name!r}")
+        for flag, mapping in (("lr-by-optimizer", self.lr_by_optimizer), ("lr-grid-by-optimizer", self.lr_grid_by_optimizer)):
+            for name in mapping:
+                if name not in OPTIMIZERS:
+                    raise ValueError(f"--{flag}: unknown optimizer {name!r}")
+        for name, grid in self.lr_grid_by_optimizer.items():
+            if not isinstance(grid, tuple):
+                raise TypeError(f"--lr-grid-by-optimizer: {name} needs a grid like {name}=1e-3/2e-3/4e-3, got {grid!r}")
+            if len(grid) != len(self.lr_grid):
+                raise ValueError(
+                    f"--lr-grid-by-optimizer: {name} has {len(grid)} points, --lr-grid has {len(self.lr_grid)}; "
+                    "every optimizer gets the same number of lr points"
+                )
         positive = {"steps": self.steps, "batch_size": self.batch_size, "seeds": self.seeds, "eval_every": self.eval_every,
                     "eval_batches": self.eval_batches}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         lrs = ([self.lr] if self.lr is not None else []) + list(self.lr_grid) + list(self.lr_by_optimizer.values())
+        lrs += [v for grid in self.lr_grid_by_optimizer.values() for v in grid]
         if any(v <= 0 for v in lrs) or not self.lr_grid:
             raise ValueError("learning rates must be positive and --lr-grid non-empty")
         if self.precision not in ("fp32", "bf16"):
@@ -84,7 +96,7 @@ class BenchConfig:
             return (self.lr,)
         if optimizer in self.lr_by_optimizer:
             return (self.lr_by_optimizer[optimizer],)
-        return self.lr_grid
+        return self.lr_grid_by_optimizer.get(optimizer, self.lr_grid)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,17 +136,20 @@ def resolve(preset: str, overrides: dict[str, Any]) -> BenchConfig:
     values = {**PRESETS[preset], **overrides, "preset": preset}
     if ("lr" in overrides or "lr_grid" in overrides) and "lr_by_optimizer" not in overrides:
         values["lr_by_optimizer"] = {}  # an explicit lr or grid replaces the preset's fixed lrs
+    if "lr_grid" in overrides and "lr_grid_by_optimizer" not in overrides:
+        values["lr_grid_by_optimizer"] = {}  # ... and the preset's per-optimizer grids
     return BenchConfig(**values)
 
 
 # ---------------------------------------------------------------- command line from the fields
-def _parse_mapping(text: str) -> dict[str, float]:
-    out = {}
+def _parse_mapping(text: str) -> dict[str, Any]:
+    """``name=lr,name2=lr2`` or, for grids, ``name=lr1/lr2/lr3,...``."""
+    out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         if "=" not in item:
-            raise argparse.ArgumentTypeError(f"expected name=lr pairs, got {item!r}")
+            raise argparse.ArgumentTypeError(f"expected name=value pairs, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = float(v)
+        out[k.strip()] = tuple(float(x) for x in v.split("/")) if "/" in v else float(v)
     return out
 
 
@@ -201,6 +216,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         for key in ("optimizers", "lr_grid", "overtrain"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
+        if isinstance(data.get("lr_grid_by_optimizer"), dict):
+            data["lr_grid_by_optimizer"] = {k: tuple(v) if isinstance(v, list) else v
+                                            for k, v in data["lr_grid_by_optimizer"].items()}
         overrides.update({k: v for k, v in data.items() if k != "preset"})
     for f in fields(BenchConfig):
         if f.name != "preset" and getattr(args, f.name, None) is not None:

@@ -63,16 +63,16 @@ def _muon(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]
     return opts
 
 
-def _aro(mode: str = "hybrid", **options: Any) -> Callable[[nn.Module, float, float], list[torch.optim.Optimizer]]:
+def _aro(mode: str = "hybrid", sharing: str = "none", **options: Any) -> Callable[[nn.Module, float, float], list[torch.optim.Optimizer]]:
     def build(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
-        groups = aro.param_groups(model, mode=mode)
+        groups = aro.param_groups(model, mode=mode, sharing=sharing)
         return [aro.ARO(groups, lr=lr, weight_decay=wd, betas=ADAMW_BETAS, eps=ADAMW_EPS, **options)]
 
     return build
 
 
-def _spec(name: str, description: str, mode: str = "hybrid", **options: Any) -> OptimizerSpec:
-    return OptimizerSpec(name, description, _aro(mode, **options), {"mode": mode, **options})
+def _spec(name: str, description: str, mode: str = "hybrid", sharing: str = "none", **options: Any) -> OptimizerSpec:
+    return OptimizerSpec(name, description, _aro(mode, sharing, **options), {"mode": mode, "sharing": sharing, **options})
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -88,6 +88,19 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         _spec("aro-adam", "ARO rotation, Adam f with look-ahead", rotation="aro", base="adam"),
         _spec("aro-rownorm", "ARO rotation, row-norm f (converges toward Muon)", rotation="aro", base="row_norm"),
         _spec("aro-sinkhorn-full", "ARO-Sinkhorn on every matrix, embeddings and LM head too", mode="full"),
+        # rotations shared along the residual stream (aro.sharing)
+        _spec("aro-sinkhorn-global", "ARO-Sinkhorn, one rotation for the residual stream", sharing="global"),
+        _spec("aro-sinkhorn-chain", "ARO-Sinkhorn, chain-coupled rotations between blocks", sharing="chain"),
+        _spec("aro-sinkhorn-global-full", "global shared rotation, full-model mode", mode="full", sharing="global"),
+        _spec("aro-sinkhorn-chain-full", "chain-coupled rotations, full-model mode", mode="full", sharing="chain"),
+        _spec("aro-sinkhorn-chain-stack", "chain-coupled, f on the stacked momenta", sharing="chain", estimator="stack"),
+        # ablations of the options aro.ARO exposes (not in the standard preset)
+        _spec("aro-sinkhorn-nesterov", "ARO-Sinkhorn with Nesterov momentum", nesterov=True),
+        _spec("aro-sinkhorn-alternating", "ARO-Sinkhorn, SinkGD's alternating Sinkhorn", sinkhorn_variant="alternating"),
+        _spec("aro-sinkhorn-scqr", "ARO-Sinkhorn with shifted Cholesky QR", qr="shifted_cholesky"),
+        _spec("aro-sinkhorn-rows", "ARO-Sinkhorn rotating the rows (out side) of every matrix", orientation="rows"),
+        _spec("polar-sinkhorn", "exact Procrustes (polar) rotation, Sinkhorn f", rotation="polar"),
+        _spec("eigen-exact-sinkhorn", "exact eigenvectors of M M^T (eigh), Sinkhorn f", rotation="eigen_exact"),
     ]
 }
 

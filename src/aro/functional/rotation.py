@@ -1,4 +1,4 @@
-r"""Rotation policies and the rotated steepest-descent step (SPEC §2, §4).
+r"""Rotation policies and the rotated steepest-descent step (SPEC §2, §4, §8).
 
 Every method here updates a matrix by :math:`\Delta W \propto -R\,f(R^\top M)` with an
 orthogonal :math:`R` acting on the rows of the (oriented) momentum :math:`M`. They differ in
@@ -13,35 +13,53 @@ how :math:`R_t` is chosen from :math:`M_t` and :math:`R_{t-1}`:
 ``"identity"``     :math:`R = I`: momentum SinkGD / SignGD, no rotation state
 ================  ===============================================================
 
+**Shared rotations** (SPEC §8): one :math:`R` may serve several *members*
+:math:`M_1, \dots, M_J` (all :math:`d \times n_j`, the rotated side first). The cross-Gram is
+then estimated either as the **sum** of the members' cross-Grams,
+:math:`A = \sum_j M_j f(R^\top M_j)^\top`, or by applying f to the **stack**
+:math:`[M_1 | \dots | M_J]`, :math:`A = M_\mathrm{stack} f(R^\top M_\mathrm{stack})^\top`; the two
+agree for elementwise f (sign) and differ for Sinkhorn and row-norm, whose row norms span the
+stack. Updates are always per member, :math:`U_j = R f(R^\top M_j)`. A *tall* member
+(:math:`n_j < d`) spans only an :math:`n_j`-dimensional subspace; its rotated momentum has
+:math:`d - n_j` directions of pure noise that Sinkhorn or row-norm would blow up (SPEC §6), so
+its update is projected back onto the span of its momentum, :math:`U_j \leftarrow Q_jQ_j^\top U_j`
+with :math:`Q_j` an orthonormal basis of :math:`\mathrm{col}(M_j)`. A single member is
+per-matrix ARO.
+
 The momentum is kept in the parameter frame (never in the rotated one), so nothing has to
 be re-expressed when :math:`R` changes; only the Adam projection's second moment lives in the
 rotated frame, and the paper does not re-project it either.
 
-All functions are batched over leading dimensions and are pure except :func:`rotated_step`'s
-Adam second moment, which is updated in place (it is the projection's state).
+All functions are batched over a leading unit dimension and are pure except for the Adam
+projection's second moments, which are updated in place (they are the projection's state).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .projections import Projection, lookahead, project_, unit_scale
-from .qr import DEFAULT_SHIFT, Orthonormalized, orthonormalize
+from .qr import DEFAULT_SHIFT, Orthonormalized, householder_qr, orthonormalize
 
 __all__ = [
+    "ESTIMATORS",
     "ROTATION_POLICIES",
     "RotatedStep",
+    "SharedStep",
     "cross_gram",
     "eigen_rotation",
     "new_rotation",
+    "project_onto_span",
     "rotated_step",
     "rotated_update",
+    "shared_rotated_step",
 ]
 
 ROTATION_POLICIES = ("aro", "eigen", "eigen_exact", "polar", "identity")
+ESTIMATORS = ("sum", "stack")
 
 
 class RotatedStep(NamedTuple):
@@ -53,63 +71,94 @@ class RotatedStep(NamedTuple):
     degenerate: Tensor  # 0-d count of matrices that kept R_{t-1} (zero / non-finite A)
 
 
+class SharedStep(NamedTuple):
+    """Output of :func:`shared_rotated_step`: one update per member."""
+
+    updates: list[Tensor]
+    rotation: Tensor | None
+    fallbacks: Tensor
+    degenerate: Tensor
+
+
+def _common_scale(Ms: Sequence[Tensor]) -> list[Tensor]:
+    """Divide all members of a unit by the same factor (the largest entry among them)."""
+    amax = torch.stack([M.abs().amax(dim=(-2, -1)) for M in Ms]).amax(dim=0)[..., None, None]
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return [M / scale for M in Ms]
+
+
+def _as_list(x, n: int) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x] * n
+
+
 def cross_gram(
-    M: Tensor,
+    Ms: Sequence[Tensor] | Tensor,
     R: Tensor,
     *,
     policy: str,
     f: Projection,
-    f_state: Tensor | None = None,
+    f_states: Sequence[Tensor | None] | Tensor | None = None,
     bias_correction: Tensor | None = None,
+    estimator: str = "sum",
 ) -> Tensor:
     r"""The matrix whose Q factor is the new rotation.
 
-    ``"aro"``/``"polar"``: :math:`A = M\,f(R_{t-1}^\top M)^\top` (f in look-ahead mode, state
-    untouched); ``"eigen"``: :math:`A = M (R_{t-1}^\top M)^\top = MM^\top R_{t-1}`. ``M`` enters
-    divided by its largest entry (QR is scale invariant), so no product overflows.
+    ``"aro"``/``"polar"``: :math:`A = \sum_j M_j\,f(R_{t-1}^\top M_j)^\top` (``"sum"``) or f on
+    the stacked members (``"stack"``), f in look-ahead mode (state untouched); ``"eigen"``:
+    :math:`A = \sum_j M_j M_j^\top R_{t-1}`. Members enter divided by a common factor, the
+    largest entry among them (QR is scale invariant), so no product overflows.
     """
-    M_s = unit_scale(M)
+    Ms = [Ms] if isinstance(Ms, Tensor) else list(Ms)
+    scaled = _common_scale(Ms)
     if policy == "eigen":
-        return M_s @ (R.mT @ M_s).mT
-    return M_s @ lookahead(f, R.mT @ M, f_state, bias_correction).mT
+        return sum(Mj @ (R.mT @ Mj).mT for Mj in scaled)
+    states = _as_list(f_states, len(Ms))
+    if estimator == "stack" and len(Ms) > 1:
+        if any(s is not None for s in states):
+            raise ValueError("the 'stack' estimator needs a stateless base projection (not 'adam')")
+        M_stack = torch.cat(scaled, dim=-1)
+        return M_stack @ lookahead(f, R.mT @ M_stack, None, None).mT
+    return sum(Ms_j @ lookahead(f, R.mT @ M, s, bias_correction).mT for Ms_j, M, s in zip(scaled, Ms, states))
 
 
-def eigen_rotation(M: Tensor, previous: Tensor) -> Orthonormalized:
-    r"""Exact eigenvectors of :math:`MM^\top`, ordered by descending eigenvalue.
+def eigen_rotation(Ms: Sequence[Tensor] | Tensor, previous: Tensor) -> Orthonormalized:
+    r"""Exact eigenvectors of :math:`\sum_j M_jM_j^\top`, ordered by descending eigenvalue.
 
     Each column's sign is fixed so that its largest-magnitude entry is positive. Zero or
-    non-finite ``M`` keeps ``previous``.
+    non-finite momenta keep ``previous``.
     """
-    M_s = unit_scale(M)
-    amax = M.abs().amax(dim=(-2, -1))
+    Ms = [Ms] if isinstance(Ms, Tensor) else list(Ms)
+    scaled = _common_scale(Ms)
+    C = sum(Mj @ Mj.mT for Mj in scaled)
+    amax = C.abs().amax(dim=(-2, -1))
     usable = (amax > 0) & torch.isfinite(amax)
-    eye = torch.eye(M.shape[-2], dtype=M.dtype, device=M.device)
-    C = torch.where(usable[..., None, None], M_s @ M_s.mT, eye)
-    _, V = torch.linalg.eigh(C)
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    _, V = torch.linalg.eigh(torch.where(usable[..., None, None], C, eye))
     V = V.flip(-1)
     pivot = V.gather(-2, V.abs().argmax(dim=-2, keepdim=True))
     V = V * torch.where(pivot < 0, -1.0, 1.0).to(V.dtype)
     Q = torch.where(usable[..., None, None], V, previous)
-    zero = torch.zeros((), dtype=torch.int64, device=M.device)
+    zero = torch.zeros((), dtype=torch.int64, device=C.device)
     return Orthonormalized(Q, zero, (~usable).sum())
 
 
 def new_rotation(
-    M: Tensor,
+    Ms: Sequence[Tensor] | Tensor,
     R: Tensor,
     *,
     policy: str = "aro",
     f: Projection,
-    f_state: Tensor | None = None,
+    f_states: Sequence[Tensor | None] | Tensor | None = None,
     bias_correction: Tensor | None = None,
+    estimator: str = "sum",
     qr: str = "householder",
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
 ) -> Orthonormalized:
-    """:math:`R_t` from :math:`M_t` and :math:`R_{t-1}` under ``policy`` (not ``"identity"``)."""
+    """:math:`R_t` from the members' momenta and :math:`R_{t-1}` under ``policy`` (not ``"identity"``)."""
     if policy == "eigen_exact":
-        return eigen_rotation(M, R)
-    A = cross_gram(M, R, policy=policy, f=f, f_state=f_state, bias_correction=bias_correction)
+        return eigen_rotation(Ms, R)
+    A = cross_gram(Ms, R, policy=policy, f=f, f_states=f_states, bias_correction=bias_correction, estimator=estimator)
     method = "polar" if policy == "polar" else qr
     return orthonormalize(A, R, method=method, shift=shift, cholqr2=cholqr2)
 
@@ -128,6 +177,67 @@ def rotated_update(
     return R @ project_(f, R.mT @ M, f_state, bias_correction)
 
 
+def project_onto_span(U: Tensor, M: Tensor) -> Tensor:
+    r""":math:`Q Q^\top U` with :math:`Q` an orthonormal basis of :math:`\mathrm{col}(M)` (``M`` tall)."""
+    Q = householder_qr(unit_scale(M))
+    return Q @ (Q.mT @ U)
+
+
+def shared_rotated_step(
+    Ms: Sequence[Tensor],
+    R: Tensor | None,
+    *,
+    policy: str = "aro",
+    f: Projection,
+    f_states: Sequence[Tensor | None] | None = None,
+    bias_correction: Tensor | None = None,
+    estimator: str = "sum",
+    project_tall: bool = True,
+    qr: str = "householder",
+    shift: float = DEFAULT_SHIFT,
+    cholqr2: bool = True,
+) -> SharedStep:
+    r"""One rotated steepest-descent step for units of members sharing a rotation.
+
+    .. math::
+        R_t = \mathrm{policy}(\{M_j\}, R_{t-1}),\qquad U_j = R_t\, f(R_t^\top M_j)
+
+    Args:
+        Ms: member momenta, each ``(U, d, n_j)`` (``U`` units batched; the rotation acts on ``d``).
+        R: ``(U, d, d)`` previous rotations, or None for ``policy="identity"``.
+        policy: one of :data:`ROTATION_POLICIES`.
+        f: base projection (see :mod:`aro.functional.projections`).
+        f_states: per member, the Adam projection's ``(U, d, n_j)`` second moment (in place).
+        bias_correction: ``(U, 1, 1)`` Adam bias correction :math:`1-\beta_2^t`.
+        estimator: ``"sum"`` or ``"stack"`` (see the module docstring; same for one member).
+        project_tall: project the update of tall members (``n_j < d``) onto their span.
+        qr, shift, cholqr2: orthonormalization backend (see :mod:`aro.functional.qr`).
+    """
+    if policy not in ROTATION_POLICIES:
+        raise ValueError(f"Invalid rotation policy: {policy!r}; expected one of {ROTATION_POLICIES}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Invalid estimator: {estimator!r}; expected one of {ESTIMATORS}")
+    Ms = list(Ms)
+    states = _as_list(f_states, len(Ms))
+    zero = torch.zeros((), dtype=torch.int64, device=Ms[0].device)
+    if policy == "identity":
+        updates = [rotated_update(M, None, f=f, f_state=s, bias_correction=bias_correction) for M, s in zip(Ms, states)]
+        return SharedStep(updates, None, zero, zero)
+    if R is None:
+        raise ValueError(f"rotation policy {policy!r} needs the previous rotation R (got None)")
+    Q, fallbacks, degenerate = new_rotation(
+        Ms, R, policy=policy, f=f, f_states=states, bias_correction=bias_correction, estimator=estimator,
+        qr=qr, shift=shift, cholqr2=cholqr2,
+    )
+    updates = []
+    for M, s in zip(Ms, states):
+        U = rotated_update(M, Q, f=f, f_state=s, bias_correction=bias_correction)
+        if project_tall and M.shape[-1] < M.shape[-2]:
+            U = project_onto_span(U, M)
+        updates.append(U)
+    return SharedStep(updates, Q, fallbacks, degenerate)
+
+
 def rotated_step(
     M: Tensor,
     R: Tensor | None,
@@ -140,10 +250,7 @@ def rotated_step(
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
 ) -> RotatedStep:
-    r"""One rotated steepest-descent direction for a batch of oriented momenta.
-
-    .. math::
-        R_t = \mathrm{policy}(M_t, R_{t-1}),\qquad U_t = R_t\, f(R_t^\top M_t)
+    r"""Per-matrix ARO: :math:`R_t = \mathrm{policy}(M_t, R_{t-1})`, :math:`U_t = R_t f(R_t^\top M_t)`.
 
     Args:
         M: ``(..., m, n)`` momentum (oriented: the rotation acts on the ``m`` rows).
@@ -154,15 +261,8 @@ def rotated_step(
         bias_correction: ``(..., 1, 1)`` Adam bias correction :math:`1-\beta_2^t`.
         qr, shift, cholqr2: orthonormalization backend (see :mod:`aro.functional.qr`).
     """
-    if policy not in ROTATION_POLICIES:
-        raise ValueError(f"Invalid rotation policy: {policy!r}; expected one of {ROTATION_POLICIES}")
-    zero = torch.zeros((), dtype=torch.int64, device=M.device)
-    if policy == "identity":
-        return RotatedStep(rotated_update(M, None, f=f, f_state=f_state, bias_correction=bias_correction), None, zero, zero)
-    if R is None:
-        raise ValueError(f"rotation policy {policy!r} needs the previous rotation R (got None)")
-    Q, fallbacks, degenerate = new_rotation(
-        M, R, policy=policy, f=f, f_state=f_state, bias_correction=bias_correction, qr=qr, shift=shift, cholqr2=cholqr2
+    out = shared_rotated_step(
+        [M], R, policy=policy, f=f, f_states=[f_state], bias_correction=bias_correction, project_tall=False,
+        qr=qr, shift=shift, cholqr2=cholqr2,
     )
-    U = rotated_update(M, Q, f=f, f_state=f_state, bias_correction=bias_correction)
-    return RotatedStep(U, Q, fallbacks, degenerate)
+    return RotatedStep(out.updates[0], out.rotation, out.fallbacks, out.degenerate)

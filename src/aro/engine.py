@@ -1,0 +1,203 @@
+r"""How one ARO step over a param group is executed: units, buckets, gather and scatter.
+
+A **unit** is one rotation and the matrices (*members*) it updates. Per-matrix ARO has one
+unit per matrix (a 3-D parameter ``[E, m, n]`` gives ``E`` units); a shared rotation (a
+sharing plan, :mod:`aro.sharing`) is one unit with several members. Units whose members have
+the same shapes, dtype and device form a **bucket** and run as one batched computation
+(:func:`aro.functional.shared_rotated_step`); the only Python loops are over parameters, to
+gather their momenta into the batch and scatter the updates back.
+
+Where state lives: every member keeps ``momentum_buffer`` and ``orientation`` (and, for the Adam
+projection, ``exp_avg_sq`` in its rotated frame); the rotation of a unit is stored in the state
+of its *owner*: the parameter itself for per-matrix units (``(m, m)``, or ``(E, m, m)`` for a
+3-D parameter) and the first member of a shared rotation (``(d, d)``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import state_keys as K
+from .functional.projections import AdamProjection
+from .functional.rotation import shared_rotated_step
+from .layout import MatrixShape, matrix_shape, oriented, resolve_orientation, unoriented
+
+__all__ = ["Member", "Unit", "expected_shapes", "plan_units", "run_units", "shared_owner"]
+
+
+@dataclass(frozen=True)
+class Member:
+    param: Tensor
+    expert: int | None  # which matrix of a batched (3-D) parameter; None: the only one
+    shape: MatrixShape
+
+
+@dataclass
+class Unit:
+    owner: Tensor  # whose state holds the rotation
+    expert: int | None  # index into the owner's batched rotation, None for a (d, d) rotation
+    members: list[Member]
+
+
+def _batched(group: dict[str, Any], p: Tensor) -> bool:
+    return p.ndim == 3 and group["matrix_view"] == "auto"
+
+
+def shared_specs(group: dict[str, Any]) -> list[list[tuple[int, str]]]:
+    return [[(int(i), str(side)) for i, side in spec] for spec in (group.get("shared") or [])]
+
+
+def shared_owner(group: dict[str, Any]) -> dict[int, tuple[int, str]]:
+    """param index -> (index of the owner of its shared rotation, orientation), for shared members."""
+    out = {}
+    for spec in shared_specs(group):
+        owner = spec[0][0]
+        for i, side in spec:
+            out[i] = (owner, side)
+    return out
+
+
+def expected_shapes(group: dict[str, Any], index: int, p: Tensor, orientation: str) -> dict[str, tuple | None]:
+    """Shapes of the rotated-frame state of parameter ``index`` of ``group``.
+
+    ``rotation`` is None for a shared member that is not its rotation's owner (and for the
+    identity policy); ``exp_avg_sq`` is the Adam projection's second moment.
+    """
+    ms = matrix_shape(tuple(p.shape), orientation, group["matrix_view"])
+    lead = (ms.count,) if _batched(group, p) else ()
+    owners = shared_owner(group)
+    if group["rotation"] == "identity":
+        rotation = None
+    elif index in owners:
+        rotation = (ms.m, ms.m) if owners[index][0] == index else None
+    else:
+        rotation = lead + (ms.m, ms.m)
+    return {K.ROTATION: rotation, K.EXP_AVG_SQ: lead + (ms.m, ms.n)}
+
+
+def init_state(group: dict[str, Any], index: int, p: Tensor, state: dict, dtype: torch.dtype) -> None:
+    owners = shared_owner(group)
+    orientation = owners[index][1] if index in owners else resolve_orientation(
+        tuple(p.shape), group["orientation"], group["matrix_view"]
+    )
+    shapes = expected_shapes(group, index, p, orientation)
+    state[K.STEP] = torch.tensor(0.0)
+    state[K.ORIENTATION] = orientation
+    state[K.MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    if shapes[K.ROTATION] is not None:
+        d = shapes[K.ROTATION][-1]
+        state[K.ROTATION] = torch.eye(d, dtype=dtype, device=p.device).expand(shapes[K.ROTATION]).clone()
+    if group["base"] == "adam":
+        state[K.EXP_AVG_SQ] = torch.zeros(shapes[K.EXP_AVG_SQ], dtype=dtype, device=p.device)
+
+
+def plan_units(group: dict[str, Any], params: list[Tensor], state: dict) -> list[Unit]:
+    """Units for the parameters of ``group`` that step now (``params``), in group order."""
+    stepping = {id(p) for p in params}
+    index = {id(p): i for i, p in enumerate(group["params"])}
+    owners = shared_owner(group)
+    units: list[Unit] = []
+    for spec in shared_specs(group):
+        members = []
+        for i, _ in spec:
+            p = group["params"][i]
+            if id(p) not in stepping:
+                continue
+            ms = matrix_shape(tuple(p.shape), state[p][K.ORIENTATION], group["matrix_view"])
+            experts = range(ms.count) if _batched(group, p) else [None]
+            members += [Member(p, e, ms) for e in experts]
+        if members:
+            units.append(Unit(group["params"][spec[0][0]], None, members))
+    for p in params:
+        if index[id(p)] in owners:
+            continue
+        ms = matrix_shape(tuple(p.shape), state[p][K.ORIENTATION], group["matrix_view"])
+        experts = range(ms.count) if _batched(group, p) else [None]
+        units += [Unit(p, e, [Member(p, e, ms)]) for e in experts]
+    return units
+
+
+def _matrix(t: Tensor, member: Member) -> Tensor:
+    X = oriented(t, member.shape)
+    return X[0] if member.expert is None else X[member.expert]
+
+
+def _rotated(t: Tensor, expert: int | None) -> Tensor:
+    return t if expert is None else t[expert]
+
+
+def run_units(
+    group: dict[str, Any],
+    units: list[Unit],
+    state: dict,
+    grads: dict[int, Tensor],
+    f: Any,
+    count: Callable[[str, Tensor], None],
+) -> tuple[dict[int, Tensor], int]:
+    """Run every unit; return ``{id(param): update}`` (RMS-matched, parameter layout) and the
+    number of rotations computed."""
+    buckets: dict[tuple, list[Unit]] = defaultdict(list)
+    for u in units:
+        buf = state[u.members[0].param][K.MOMENTUM]
+        key = (buf.device, buf.dtype, u.members[0].shape.m, tuple(m.shape.n for m in u.members))
+        buckets[key].append(u)
+    pieces: dict[int, list[tuple[int | None, Tensor]]] = defaultdict(list)
+    n_rotations = 0
+    policy, beta, rho = group["rotation"], group["beta"], group["rms_target"]
+    for bucket in buckets.values():
+        J = len(bucket[0].members)
+        Ms = [torch.stack([_matrix(state[u.members[j].param][K.MOMENTUM], u.members[j]) for u in bucket]) for j in range(J)]
+        if group["nesterov"]:
+            for j in range(J):
+                G = torch.stack([_matrix(grads[id(u.members[j].param)], u.members[j]) for u in bucket])
+                Ms[j] = torch.lerp(G, Ms[j], beta)  # beta*M + (1-beta)*G
+        R = None
+        if policy != "identity":
+            rot_views = [_rotated(state[u.owner][K.ROTATION], u.expert) for u in bucket]
+            R = torch.stack(rot_views)
+        V_views, bias_correction = None, None
+        if isinstance(f, AdamProjection):
+            V_views = [[_rotated(state[u.members[j].param][K.EXP_AVG_SQ], u.members[j].expert) for u in bucket]
+                       for j in range(J)]
+            steps = [float(state[u.members[0].param][K.STEP]) for u in bucket]
+            bias_correction = torch.tensor([1.0 - f.beta2**t for t in steps], dtype=Ms[0].dtype,
+                                           device=Ms[0].device).view(-1, 1, 1)
+        Vs = [torch.stack(v) for v in V_views] if V_views is not None else None
+        out = shared_rotated_step(
+            Ms, R, policy=policy, f=f, f_states=Vs, bias_correction=bias_correction,
+            estimator=group["estimator"], qr=group["qr"],
+        )
+        if out.rotation is not None:
+            n_rotations += len(bucket)
+            count("qr_fallbacks", out.fallbacks)
+            count("degenerate_rotations", out.degenerate)
+            torch._foreach_copy_(rot_views, list(out.rotation.unbind(0)))
+        if Vs is not None:
+            for views, V in zip(V_views, Vs):
+                torch._foreach_copy_(views, list(V.unbind(0)))
+        for j, U in enumerate(out.updates):
+            if rho is not None:
+                # U = rho * U / RMS(U), per matrix (zero updates stay zero)
+                rms = U.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+                U = U * torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0)
+            for u, U_u in zip(bucket, U.unbind(0)):
+                member = u.members[j]
+                pieces[id(member.param)].append((member.expert, U_u))
+    updates = {}
+    for u in units:
+        for member in u.members:
+            pid = id(member.param)
+            if pid in updates:
+                continue
+            parts = pieces[pid]
+            if parts[0][0] is None:
+                X = parts[0][1].unsqueeze(0)
+            else:
+                X = torch.stack([t for _, t in sorted(parts, key=lambda et: et[0])])
+            updates[pid] = unoriented(X, member.shape, tuple(member.param.shape))
+    return updates, n_rotations

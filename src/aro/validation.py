@@ -1,0 +1,125 @@
+"""Argument checks of :class:`aro.ARO`: every error names the argument, its value and the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from .functional.projections import SINKHORN_VARIANTS, STATELESS_PROJECTIONS
+from .functional.qr import QR_METHODS
+from .functional.rotation import ESTIMATORS, ROTATION_POLICIES
+from .layout import MATRIX_VIEWS, ORIENTATIONS, matrix_shape
+
+__all__ = ["ALGORITHMS", "BASE_NAMES", "NONFINITE_POLICIES", "validate_hyperparameters", "validate_param",
+           "validate_sharing"]
+
+ALGORITHMS = ("auto", "aro", "adamw")
+NONFINITE_POLICIES = ("skip", "raise")
+BASE_NAMES = tuple(sorted(STATELESS_PROJECTIONS)) + ("adam",)
+
+
+def validate_param(group: dict[str, Any], p: Any, label: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"ARO params must be tensors, got {type(p).__name__} for {label}")
+    if p.is_complex():
+        raise ValueError(f"ARO does not support complex parameters: {label}; view it as real with torch.view_as_real")
+    if not p.is_floating_point():
+        raise ValueError(f"ARO needs floating-point parameters: {label}")
+    if group["algorithm"] == "aro" and p.ndim < 2:
+        raise ValueError(
+            f"algorithm='aro' needs matrices, but {label} has {p.ndim} dimension(s); "
+            "put it in a group with algorithm='adamw' (or 'auto')"
+        )
+
+
+def validate_sharing(group: dict[str, Any]) -> None:
+    """``shared``: a list of rotation specs, each a list of ``[param_index, "rows"|"cols"]``.
+
+    Every member must be a matrix on the ARO path, appear in at most one spec, and rotate a
+    side of the same size ``d`` as the other members of its spec.
+    """
+    specs = group.get("shared")
+    if specs is None:
+        return
+    if not isinstance(specs, (list, tuple)):
+        raise TypeError(f"Invalid shared: {specs!r}; expected a list of [[param_index, 'rows'|'cols'], ...] lists")
+    params = group["params"]
+    seen: dict[int, int] = {}
+    for k, spec in enumerate(specs):
+        if not isinstance(spec, (list, tuple)) or not spec:
+            raise ValueError(f"Invalid shared[{k}]: {spec!r}; expected a non-empty list of [param_index, side] pairs")
+        sides = set()
+        for entry in spec:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"Invalid shared[{k}] entry {entry!r}; expected [param_index, 'rows'|'cols']")
+            i, side = entry
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"Invalid shared[{k}] index {i!r}; the group has {len(params)} parameters")
+            if side not in ("rows", "cols"):
+                raise ValueError(f"Invalid shared[{k}] side {side!r} for parameter {i}; expected 'rows' or 'cols'")
+            if i in seen:
+                raise ValueError(f"parameter {i} is in shared[{seen[i]}] and shared[{k}]; a matrix has one rotation")
+            seen[i] = k
+            p = params[i]
+            if p.ndim < 2 or group["algorithm"] == "adamw":
+                raise ValueError(f"shared[{k}] lists parameter {i} (shape {tuple(p.shape)}), which is not on the ARO path")
+            sides.add(matrix_shape(tuple(p.shape), side, group["matrix_view"]).m)
+        if len(sides) != 1:
+            raise ValueError(f"shared[{k}] rotates sides of different sizes {sorted(sides)}; a shared rotation needs one size")
+
+
+def validate_hyperparameters(g: dict[str, Any]) -> None:
+    """ValueError/TypeError naming the argument and its value."""
+
+    def number(name: str, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True) -> None:
+        v = g[name]
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"Invalid {name}: tensor with {v.numel()} elements; expected one")
+            v = float(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"Invalid {name}: {g[name]!r}; expected a number")
+        bad = (v <= lo if lo_open else v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)) or math.isnan(v)
+        if bad:
+            lo_b, hi_b = ("(" if lo_open else "["), (")" if hi_open else "]")
+            raise ValueError(f"Invalid {name}: {v}; expected a value in {lo_b}{lo}, {hi if hi is not None else 'inf'}{hi_b}")
+
+    def choice(name: str, options: tuple) -> None:
+        if g[name] not in options:
+            raise ValueError(f"Invalid {name}: {g[name]!r}; expected one of {options}")
+
+    def flag(name: str) -> None:
+        if not isinstance(g[name], bool):
+            raise TypeError(f"Invalid {name}: {g[name]!r}; expected True or False")
+
+    number("lr", 0.0)
+    number("beta", 0.0, 1.0)
+    number("weight_decay", 0.0)
+    if not callable(g["base"]):
+        choice("base", BASE_NAMES)
+    choice("rotation", ROTATION_POLICIES)
+    choice("qr", QR_METHODS)
+    it = g["sinkhorn_iters"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+        raise ValueError(f"Invalid sinkhorn_iters: {it!r}; expected an integer >= 1")
+    choice("sinkhorn_variant", SINKHORN_VARIANTS)
+    flag("nesterov")
+    if g["rms_target"] is not None:
+        number("rms_target", 0.0, lo_open=True, hi=None)
+    choice("orientation", ORIENTATIONS)
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for j, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid betas[{j}]: {b!r}; expected a value in [0, 1)")
+    number("eps", 0.0)
+    flag("maximize")
+    choice("nonfinite", NONFINITE_POLICIES)
+    choice("algorithm", ALGORITHMS)
+    choice("matrix_view", MATRIX_VIEWS)
+    choice("estimator", ESTIMATORS)
+    if g["estimator"] == "stack" and g["base"] == "adam" and g.get("shared"):
+        raise ValueError("Invalid estimator: 'stack' needs a stateless base projection; use estimator='sum' with base='adam'")
