@@ -76,6 +76,10 @@ class ARO(Optimizer):
         rms_target: update RMS :math:`\rho` (default 0.2); ``None`` leaves f's RMS 1.
         orientation: which side the rotation acts on: ``"auto"`` (default; the smaller side,
             so no rotation exceeds the matrix rank), ``"rows"`` or ``"cols"``.
+        estimator: how a rotation shared by several matrices (a group's ``shared`` plan, made
+            by :func:`aro.param_groups` with ``sharing="global"|"chain"``) is estimated:
+            ``"sum"`` (default) of the members' cross-Grams, or ``"stack"``: f on the stacked
+            momenta (see :mod:`aro.functional.rotation`). No effect without sharing.
         betas: AdamW path :math:`(\beta_1, \beta_2)` (default (0.9, 0.95), LLM practice);
             :math:`\beta_2` is also the Adam projection's.
         eps: AdamW path and Adam projection epsilon (default 1e-8).
@@ -115,6 +119,7 @@ class ARO(Optimizer):
         nesterov: bool = False,
         rms_target: float | None = 0.2,
         orientation: str = "auto",
+        estimator: str = "sum",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         maximize: bool = False,
@@ -142,7 +147,7 @@ class ARO(Optimizer):
             algorithm="auto",
             matrix_view="auto",
             shared=None,
-            estimator="sum",
+            estimator=estimator,
         )
         validate_hyperparameters(defaults)
         self._counters: dict[tuple[str, torch.device], Tensor] = {}
