@@ -79,7 +79,7 @@ def check_parity(opt, params, reference, ref_params):
 @pytest.mark.parametrize(
     "kw,shapes",
     [
-        ({"nesterov": True}, SHAPES),
+        ({"nesterov": False}, SHAPES),
         ({"rms_target": None}, SHAPES),
         ({"orientation": "rows"}, [(12, 12), (10, 16), (3, 8, 12)]),
         ({"orientation": "cols"}, [(12, 12), (16, 10), (3, 12, 8)]),

@@ -105,7 +105,7 @@ class ReferenceARO:
     rotation: str = "aro"
     sinkhorn_iters: int = 5
     sinkhorn_variant: str = "simultaneous"
-    nesterov: bool = False
+    nesterov: bool = True
     rms_target: float | None = 0.2
     orientation: str = "auto"
     beta2: float = 0.95

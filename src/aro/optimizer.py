@@ -41,10 +41,11 @@ class ARO(Optimizer):
             \ f\ (\text{base}),\ \rho\ (\text{rms\_target})\\
         &\textbf{initialize}: M_0 = 0,\ R_0 = I_m\\
         &\textbf{for}\ t = 1, 2, \ldots\\
-        &\quad M_t = \beta M_{t-1} + (1-\beta) G_t
-            \quad(\text{Nesterov: } \tilde M_t = \beta M_t + (1-\beta)G_t)\\
-        &\quad R_t = \mathrm{QR}\big(M_t\, f(R_{t-1}^\top M_t)^\top\big)\\
-        &\quad U_t = R_t\, f(R_t^\top M_t)\\
+        &\quad M_t = \beta M_{t-1} + (1-\beta) G_t\\
+        &\quad \tilde M_t = \beta M_t + (1-\beta) G_t
+            \quad(\text{Nesterov, default; } \tilde M_t = M_t \text{ with nesterov=False})\\
+        &\quad R_t = \mathrm{QR}\big(\tilde M_t\, f(R_{t-1}^\top \tilde M_t)^\top\big)\\
+        &\quad U_t = R_t\, f(R_t^\top \tilde M_t)\\
         &\quad W_t = (1-\eta\lambda)\, W_{t-1} - \eta\,\rho\, U_t/\mathrm{RMS}(U_t)\\
         &\textbf{return}\ W_t
         \end{aligned}
@@ -72,7 +73,9 @@ class ARO(Optimizer):
             ``"shifted_cholesky"`` (GEMM-based, for GPUs; falls back to Householder per matrix).
         sinkhorn_iters: Sinkhorn iterations K (default 5, the paper's).
         sinkhorn_variant: ``"simultaneous"`` (default, as the paper writes it) or ``"alternating"``.
-        nesterov: use :math:`\tilde M_t` for rotation and update (default False, as the paper).
+        nesterov: use the Nesterov momentum :math:`\tilde M_t` for rotation and update
+            (default True: in our benchmark it lowers ARO-Sinkhorn's loss clearly, see the
+            README's ablations, and it is torch.optim.Muon's default; False is the paper's EMA).
         rms_target: update RMS :math:`\rho` (default 0.2); ``None`` leaves f's RMS 1.
         orientation: which side the rotation acts on: ``"auto"`` (default; the smaller side,
             so no rotation exceeds the matrix rank), ``"rows"`` or ``"cols"``.
@@ -116,7 +119,7 @@ class ARO(Optimizer):
         qr: str = "householder",
         sinkhorn_iters: int = 5,
         sinkhorn_variant: str = "simultaneous",
-        nesterov: bool = False,
+        nesterov: bool = True,
         rms_target: float | None = 0.2,
         orientation: str = "auto",
         estimator: str = "sum",

@@ -101,3 +101,9 @@ def test_smoke_bench_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     # a finished benchmark is not redone; a changed config is refused
     assert main(["bench", "--preset", "smoke", "--out", str(out_b), "--no-progress"]) == 0
     assert main(["bench", "--preset", "smoke", "--steps", "8", "--out", str(out_b), "--no-progress"]) == 2
+    # more optimizers can join the same protocol in the same folder, reusing finished runs
+    stamp = (out_b / "runs" / "adamw__lr0.002__seed0__steps12" / "result.json").stat().st_mtime_ns
+    assert main(["bench", "--preset", "smoke", "--optimizers", "aro-sign", "--out", str(out_b), "--no-progress"]) == 0
+    summary = json.loads((out_b / "summary.json").read_text())
+    assert set(summary["optimizers"]) == {"aro-sinkhorn", "adamw", "aro-sign"}
+    assert (out_b / "runs" / "adamw__lr0.002__seed0__steps12" / "result.json").stat().st_mtime_ns == stamp

@@ -117,7 +117,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         steps=600,
         seeds=3,
-        lr_grid=(1e-3, 2e-3, 4e-3, 8e-3),
+        # Four points for every optimizer. Every matrix method (RMS-matched to 0.2) shares one
+        # grid; AdamW's is centred on its own optimum, which exploratory 400-step runs put near
+        # 2e-3 while Muon and ARO-Sinkhorn did best near 1.6e-2 (the "lr transfer" of SPEC §7
+        # does not hold at this scale; see the README).
+        lr_grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2),
+        lr_grid_by_optimizer={"adamw": (5e-4, 1e-3, 2e-3, 4e-3)},
     ),
     # CI smoke test: seconds.
     "smoke": dict(optimizers=("aro-sinkhorn", "adamw"), model="tiny", steps=12, seeds=1, batch_size=4, eval_every=4,

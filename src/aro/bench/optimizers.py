@@ -95,7 +95,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         _spec("aro-sinkhorn-chain-full", "chain-coupled rotations, full-model mode", mode="full", sharing="chain"),
         _spec("aro-sinkhorn-chain-stack", "chain-coupled, f on the stacked momenta", sharing="chain", estimator="stack"),
         # ablations of the options aro.ARO exposes (not in the standard preset)
-        _spec("aro-sinkhorn-nesterov", "ARO-Sinkhorn with Nesterov momentum", nesterov=True),
+        _spec("aro-sinkhorn-ema", "ARO-Sinkhorn with the paper's plain EMA momentum (no Nesterov)", nesterov=False),
         _spec("aro-sinkhorn-alternating", "ARO-Sinkhorn, SinkGD's alternating Sinkhorn", sinkhorn_variant="alternating"),
         _spec("aro-sinkhorn-scqr", "ARO-Sinkhorn with shifted Cholesky QR", qr="shifted_cholesky"),
         _spec("aro-sinkhorn-rows", "ARO-Sinkhorn rotating the rows (out side) of every matrix", orientation="rows"),

@@ -69,16 +69,33 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
     return out / "runs" / spec.name
 
 
-def _write_config(cfg: BenchConfig, corpus_info: dict) -> None:
+# Fields that may grow between invocations on one run folder: more optimizers (and their
+# grids) join the same protocol, reusing the finished runs of the others.
+_EXTENDABLE = ("optimizers", "lr_grid_by_optimizer", "lr_by_optimizer")
+
+
+def _write_config(cfg: BenchConfig, corpus_info: dict) -> dict:
+    """Write config.json; a folder made by an earlier invocation must use the same protocol.
+
+    Returns the folder's config (the union of all optimizers run in it).
+    """
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.json"
-    config = cfg.to_dict()
+    config = json.loads(json.dumps(cfg.to_dict()))
     if path.exists():
         previous = json.loads(path.read_text())["config"]
-        if {k: v for k, v in previous.items() if k != "out"} != json.loads(json.dumps({k: v for k, v in config.items() if k != "out"})):
-            raise ValueError(f"{out} holds a run with a different config; resume it with the same flags or use another --out")
+        fixed = [k for k in config if k not in _EXTENDABLE + ("out",) and previous.get(k) != config[k]]
+        clashes = [f"{k}[{name}]" for k in _EXTENDABLE[1:] for name, v in config[k].items()
+                   if name in previous.get(k, {}) and previous[k][name] != v]
+        if fixed or clashes:
+            raise ValueError(f"{out} holds a run with a different config ({', '.join(fixed + clashes)}); "
+                             "resume it with the same flags or use another --out")
+        config["optimizers"] = previous["optimizers"] + [o for o in config["optimizers"] if o not in previous["optimizers"]]
+        for k in _EXTENDABLE[1:]:
+            config[k] = {**previous.get(k, {}), **config[k]}
     atomic_write_text(path, json.dumps({"config": config, "corpus": corpus_info, "environment": _environment()}, indent=1))
+    return config
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
