@@ -38,14 +38,22 @@ def sinkhorn(X: np.ndarray, num_iters: int, variant: str, eps: float = 1e-8) -> 
     """
     m, n = X.shape
     X0 = X / np.abs(X).max()
-    a, b = np.ones(m), np.ones(n)
+    row_keep, col_keep = _signal(X0)
+    a, b = row_keep.astype(float), col_keep.astype(float)
     for _ in range(num_iters):
-        a_new = np.sqrt(n) / np.maximum(np.linalg.norm(X0 @ np.diag(b), axis=1), eps)
+        a_new = row_keep * np.sqrt(n) / np.maximum(np.linalg.norm(X0 @ np.diag(b), axis=1), eps)
         if variant == "alternating":
             a = a_new
-        b = np.sqrt(m) / np.maximum(np.linalg.norm(np.diag(a) @ X0, axis=0), eps)
+        b = col_keep * np.sqrt(m) / np.maximum(np.linalg.norm(np.diag(a) @ X0, axis=0), eps)
         a = a_new
     return _to_rms1(np.diag(a) @ X0 @ np.diag(b))
+
+
+def _signal(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows/columns whose norm exceeds rounding noise: 10 u sqrt(max(m, n)) x the largest."""
+    tol = 10 * np.finfo(np.float64).eps / 2 * np.sqrt(max(X.shape))
+    r, c = np.linalg.norm(X, axis=1), np.linalg.norm(X, axis=0)
+    return r > tol * r.max(), c > tol * c.max()
 
 
 def sign(X: np.ndarray) -> np.ndarray:
@@ -56,7 +64,8 @@ def sign(X: np.ndarray) -> np.ndarray:
 
 def row_norm(X: np.ndarray) -> np.ndarray:
     n = X.shape[1]
-    return _to_rms1(np.sqrt(n) * X / np.linalg.norm(X, axis=1, keepdims=True))
+    keep = _signal(X)[0][:, None]
+    return _to_rms1(np.where(keep, np.sqrt(n) * X / np.linalg.norm(X, axis=1, keepdims=True), 0.0))
 
 
 def identity(X: np.ndarray) -> np.ndarray:

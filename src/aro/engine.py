@@ -27,7 +27,8 @@ from .functional.projections import AdamProjection
 from .functional.rotation import shared_rotated_step
 from .layout import MatrixShape, matrix_shape, oriented, resolve_orientation, unoriented
 
-__all__ = ["Member", "Unit", "expected_shapes", "plan_units", "run_units", "shared_owner"]
+__all__ = ["BucketResult", "Member", "Sources", "Unit", "apply_bucket", "assemble_updates", "bucketize", "compute_bucket",
+           "expected_shapes", "local_sources", "plan_units", "run_units", "shared_owner"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,11 @@ def expected_shapes(group: dict[str, Any], index: int, p: Tensor, orientation: s
     return {K.ROTATION: rotation, K.EXP_AVG_SQ: lead + (ms.m, ms.n)}
 
 
-def init_state(group: dict[str, Any], index: int, p: Tensor, state: dict, dtype: torch.dtype) -> None:
+def init_state(group: dict[str, Any], index: int, p: Tensor, state: dict, dtype: torch.dtype,
+               wrap: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Fresh state for parameter ``index``; ``wrap`` turns full tensors into the parameter's
+    sharding (FSDP2), or is None."""
+    wrap = wrap or (lambda t: t)
     owners = shared_owner(group)
     orientation = owners[index][1] if index in owners else resolve_orientation(
         tuple(p.shape), group["orientation"], group["matrix_view"]
@@ -88,12 +93,15 @@ def init_state(group: dict[str, Any], index: int, p: Tensor, state: dict, dtype:
     shapes = expected_shapes(group, index, p, orientation)
     state[K.STEP] = torch.tensor(0.0)
     state[K.ORIENTATION] = orientation
-    state[K.MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    if type(p).__name__ == "DTensor":
+        state[K.MOMENTUM] = torch.zeros_like(p, dtype=dtype)
+    else:
+        state[K.MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
     if shapes[K.ROTATION] is not None:
         d = shapes[K.ROTATION][-1]
-        state[K.ROTATION] = torch.eye(d, dtype=dtype, device=p.device).expand(shapes[K.ROTATION]).clone()
+        state[K.ROTATION] = wrap(torch.eye(d, dtype=dtype, device=p.device).expand(shapes[K.ROTATION]).clone())
     if group["base"] == "adam":
-        state[K.EXP_AVG_SQ] = torch.zeros(shapes[K.EXP_AVG_SQ], dtype=dtype, device=p.device)
+        state[K.EXP_AVG_SQ] = wrap(torch.zeros(shapes[K.EXP_AVG_SQ], dtype=dtype, device=p.device))
 
 
 def plan_units(group: dict[str, Any], params: list[Tensor], state: dict) -> list[Unit]:
@@ -131,63 +139,86 @@ def _rotated(t: Tensor, expert: int | None) -> Tensor:
     return t if expert is None else t[expert]
 
 
-def run_units(
-    group: dict[str, Any],
-    units: list[Unit],
-    state: dict,
-    grads: dict[int, Tensor],
-    f: Any,
-    count: Callable[[str, Tensor], None],
-) -> tuple[dict[int, Tensor], int]:
-    """Run every unit; return ``{id(param): update}`` (RMS-matched, parameter layout) and the
-    number of rotations computed."""
+@dataclass
+class Sources:
+    """The full (unsharded) tensors a step reads and writes, keyed by ``id(param)``.
+
+    Locally these are the optimizer's own state tensors, so writing them updates the state; the
+    FSDP layer fills them with matrices assembled from shards and scatters them back afterwards.
+    """
+
+    momentum: dict[int, Tensor]  # effective momentum (Nesterov or plain), parameter layout
+    rotation: dict[int, Tensor]  # rotation state of unit owners
+    second_moment: dict[int, Tensor]  # Adam projection's exp_avg_sq, rotated frame
+    step: dict[int, float]
+
+
+@dataclass
+class BucketResult:
+    rotation: Tensor | None  # (U, d, d)
+    updates: list[Tensor]  # per member position, (U, d, n_j), RMS-matched
+    moments: list[Tensor] | None  # per member position, (U, d, n_j)
+    fallbacks: Tensor
+    degenerate: Tensor
+
+
+def bucketize(units: list[Unit], src: Sources) -> list[list[Unit]]:
+    """Units with the same rotated size, member shapes, dtype and device, in first-seen order."""
     buckets: dict[tuple, list[Unit]] = defaultdict(list)
     for u in units:
-        buf = state[u.members[0].param][K.MOMENTUM]
-        key = (buf.device, buf.dtype, u.members[0].shape.m, tuple(m.shape.n for m in u.members))
+        M = src.momentum[id(u.members[0].param)]
+        key = (M.device, M.dtype, u.members[0].shape.m, tuple(m.shape.n for m in u.members))
         buckets[key].append(u)
-    pieces: dict[int, list[tuple[int | None, Tensor]]] = defaultdict(list)
-    n_rotations = 0
-    policy, beta, rho = group["rotation"], group["beta"], group["rms_target"]
-    for bucket in buckets.values():
-        J = len(bucket[0].members)
-        Ms = [torch.stack([_matrix(state[u.members[j].param][K.MOMENTUM], u.members[j]) for u in bucket]) for j in range(J)]
-        if group["nesterov"]:
-            for j in range(J):
-                G = torch.stack([_matrix(grads[id(u.members[j].param)], u.members[j]) for u in bucket])
-                Ms[j] = torch.lerp(G, Ms[j], beta)  # beta*M + (1-beta)*G
-        R = None
-        if policy != "identity":
-            rot_views = [_rotated(state[u.owner][K.ROTATION], u.expert) for u in bucket]
-            R = torch.stack(rot_views)
-        V_views, bias_correction = None, None
-        if isinstance(f, AdamProjection):
-            V_views = [[_rotated(state[u.members[j].param][K.EXP_AVG_SQ], u.members[j].expert) for u in bucket]
-                       for j in range(J)]
-            steps = [float(state[u.members[0].param][K.STEP]) for u in bucket]
-            bias_correction = torch.tensor([1.0 - f.beta2**t for t in steps], dtype=Ms[0].dtype,
-                                           device=Ms[0].device).view(-1, 1, 1)
-        Vs = [torch.stack(v) for v in V_views] if V_views is not None else None
-        out = shared_rotated_step(
-            Ms, R, policy=policy, f=f, f_states=Vs, bias_correction=bias_correction,
-            estimator=group["estimator"], qr=group["qr"],
-        )
-        if out.rotation is not None:
-            n_rotations += len(bucket)
-            count("qr_fallbacks", out.fallbacks)
-            count("degenerate_rotations", out.degenerate)
-            torch._foreach_copy_(rot_views, list(out.rotation.unbind(0)))
-        if Vs is not None:
-            for views, V in zip(V_views, Vs):
-                torch._foreach_copy_(views, list(V.unbind(0)))
-        for j, U in enumerate(out.updates):
-            if rho is not None:
-                # U = rho * U / RMS(U), per matrix (zero updates stay zero)
-                rms = U.square().mean(dim=(-2, -1), keepdim=True).sqrt()
-                U = U * torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0)
-            for u, U_u in zip(bucket, U.unbind(0)):
-                member = u.members[j]
-                pieces[id(member.param)].append((member.expert, U_u))
+    return list(buckets.values())
+
+
+def compute_bucket(group: dict[str, Any], bucket: list[Unit], src: Sources, f: Any) -> BucketResult:
+    """The math of one bucket; reads ``src``, writes nothing."""
+    J = len(bucket[0].members)
+    Ms = [torch.stack([_matrix(src.momentum[id(u.members[j].param)], u.members[j]) for u in bucket]) for j in range(J)]
+    R = None
+    if group["rotation"] != "identity":
+        R = torch.stack([_rotated(src.rotation[id(u.owner)], u.expert) for u in bucket])
+    Vs, bias_correction = None, None
+    if isinstance(f, AdamProjection):
+        Vs = [torch.stack([_rotated(src.second_moment[id(u.members[j].param)], u.members[j].expert) for u in bucket])
+              for j in range(J)]
+        steps = [src.step[id(u.members[0].param)] for u in bucket]
+        bias_correction = torch.tensor([1.0 - f.beta2**t for t in steps], dtype=Ms[0].dtype,
+                                       device=Ms[0].device).view(-1, 1, 1)
+    out = shared_rotated_step(
+        Ms, R, policy=group["rotation"], f=f, f_states=Vs, bias_correction=bias_correction,
+        estimator=group["estimator"], qr=group["qr"],
+    )
+    rho = group["rms_target"]
+    updates = []
+    for U in out.updates:
+        if rho is not None:
+            # U = rho * U / RMS(U), per matrix (zero updates stay zero)
+            rms = U.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+            U = U * torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0)
+        updates.append(U)
+    return BucketResult(out.rotation, updates, Vs, out.fallbacks, out.degenerate)
+
+
+def apply_bucket(bucket: list[Unit], result: BucketResult, src: Sources,
+                 pieces: dict[int, list[tuple[int | None, Tensor]]]) -> None:
+    """Write a bucket's rotations and second moments into ``src``; collect its updates in ``pieces``."""
+    if result.rotation is not None:
+        views = [_rotated(src.rotation[id(u.owner)], u.expert) for u in bucket]
+        torch._foreach_copy_(views, list(result.rotation.unbind(0)))
+    if result.moments is not None:
+        for j, V in enumerate(result.moments):
+            views = [_rotated(src.second_moment[id(u.members[j].param)], u.members[j].expert) for u in bucket]
+            torch._foreach_copy_(views, list(V.unbind(0)))
+    for j, U in enumerate(result.updates):
+        for u, U_u in zip(bucket, U.unbind(0)):
+            member = u.members[j]
+            pieces[id(member.param)].append((member.expert, U_u))
+
+
+def assemble_updates(units: list[Unit], pieces: dict[int, list[tuple[int | None, Tensor]]]) -> dict[int, Tensor]:
+    """``{id(param): update}`` in each parameter's own layout."""
     updates = {}
     for u in units:
         for member in u.members:
@@ -200,4 +231,38 @@ def run_units(
             else:
                 X = torch.stack([t for _, t in sorted(parts, key=lambda et: et[0])])
             updates[pid] = unoriented(X, member.shape, tuple(member.param.shape))
-    return updates, n_rotations
+    return updates
+
+
+def local_sources(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], state: dict) -> Sources:
+    """Sources backed by the optimizer state (momentum already updated for this step)."""
+    momentum = {}
+    for p, g in zip(params, grads):
+        M = state[p][K.MOMENTUM]
+        momentum[id(p)] = torch.lerp(g, M, group["beta"]) if group["nesterov"] else M  # beta*M + (1-beta)*G
+    rotation, moments = {}, {}
+    for p in group["params"]:
+        st = state.get(p)
+        if not st:
+            continue
+        if K.ROTATION in st:
+            rotation[id(p)] = st[K.ROTATION]
+        if K.EXP_AVG_SQ in st and K.ORIENTATION in st:
+            moments[id(p)] = st[K.EXP_AVG_SQ]
+    return Sources(momentum, rotation, moments, {id(p): float(state[p][K.STEP]) for p in params})
+
+
+def run_units(
+    group: dict[str, Any], units: list[Unit], src: Sources, f: Any, count: Callable[[str, Tensor], None]
+) -> tuple[dict[int, Tensor], int]:
+    """Run every unit on one process; return ``{id(param): update}`` and the number of rotations."""
+    pieces: dict[int, list[tuple[int | None, Tensor]]] = defaultdict(list)
+    n_rotations = 0
+    for bucket in bucketize(units, src):
+        result = compute_bucket(group, bucket, src, f)
+        if result.rotation is not None:
+            n_rotations += len(bucket)
+            count("qr_fallbacks", result.fallbacks)
+            count("degenerate_rotations", result.degenerate)
+        apply_bucket(bucket, result, src, pieces)
+    return assemble_updates(units, pieces), n_rotations

@@ -18,7 +18,10 @@ from torch.optim import Optimizer
 
 from . import state_keys as K
 from .functional.adamw import adamw_
-from .engine import expected_shapes, init_state, plan_units, run_units, shared_owner
+from .distributed.replicated import replicated_run_units
+from .distributed.sharded import local as _local
+from .distributed.sharded import shard_like, sharded_run_units
+from .engine import expected_shapes, init_state, local_sources, plan_units, run_units, shared_owner
 from .functional.projections import make_projection
 from .validation import validate_hyperparameters, validate_param, validate_sharing
 
@@ -91,6 +94,12 @@ class ARO(Optimizer):
             (default; its step is skipped, its state untouched, counted in :meth:`stats`,
             one warning) or ``"raise"`` (``FloatingPointError`` naming the parameter).
         differentiable: not supported; must be False.
+        process_group: ``None`` (default), a ``ProcessGroup`` or a 1-D ``DeviceMesh``. With
+            replicated parameters (DDP) a group splits the rotation work across its ranks
+            (see :mod:`aro.distributed.replicated`); without one every rank computes
+            everything. DTensor parameters (FSDP2 ``fully_shard``) are detected by themselves
+            and use their mesh (see :mod:`aro.distributed.sharded`). The library never calls
+            ``init_process_group``.
 
     State (per parameter, documented in :mod:`aro.state_keys`): ``step``,
     ``momentum_buffer``, ``rotation``, ``orientation``, ``exp_avg_sq`` (Adam projection) on
@@ -128,6 +137,7 @@ class ARO(Optimizer):
         maximize: bool = False,
         nonfinite: str = "skip",
         differentiable: bool = False,
+        process_group: Any = None,
     ) -> None:
         if differentiable:
             raise ValueError("Invalid differentiable: True; ARO does not support differentiating through its step")
@@ -155,8 +165,12 @@ class ARO(Optimizer):
         validate_hyperparameters(defaults)
         self._counters: dict[tuple[str, torch.device], Tensor] = {}
         self._last_qr_count = 0
+        self._last_loads: list[float] = []
         self._warned_nonfinite = False
+        self._process_group: Any = None
+        self._mode = "local"
         super().__init__(params, defaults)
+        self._setup_distribution(process_group)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -186,6 +200,7 @@ class ARO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._last_qr_count = 0
+        self._last_loads = []
         for group in self.param_groups:
             params = []
             for i, p in enumerate(group["params"]):
@@ -208,9 +223,15 @@ class ARO(Optimizer):
             return params
         # min and max of each gradient: NaN propagates, +-Inf shows, and unlike a norm they
         # cannot overflow for large finite gradients (1e30 is a legal float32 gradient)
-        ext = [torch.stack(torch.aminmax(p.grad)).float() if p.grad.numel() else torch.zeros(2) for p in params]
+        grads = [_local(p.grad) for p in params]
+        ext = [torch.stack(torch.aminmax(g)).float() if g.numel() else torch.zeros(2) for g in grads]
         device = ext[0].device
-        finite = torch.isfinite(torch.stack([e.to(device) for e in ext])).all(dim=1).cpu()
+        finite = torch.isfinite(torch.stack([e.to(device) for e in ext])).all(dim=1)
+        if self._process_group is not None:  # every rank must take the same decision
+            bad_flags = (~finite).to(torch.int32)
+            torch.distributed.all_reduce(bad_flags, group=self._process_group)
+            finite = bad_flags == 0
+        finite = finite.cpu()
         if bool(finite.all()):
             return params
         bad = [p for p, ok in zip(params, finite.tolist()) if not ok]
@@ -236,14 +257,14 @@ class ARO(Optimizer):
             if not state:
                 dt = _compute_dtype(p.dtype)
                 state[K.STEP] = torch.tensor(0.0)
-                state[K.EXP_AVG] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
-                state[K.EXP_AVG_SQ] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
+                state[K.EXP_AVG] = _zeros_like(p, dt)
+                state[K.EXP_AVG_SQ] = _zeros_like(p, dt)
         beta1, beta2 = group["betas"]
         adamw_(
-            params,
-            [p.grad for p in params],
-            [self.state[p][K.EXP_AVG] for p in params],
-            [self.state[p][K.EXP_AVG_SQ] for p in params],
+            [_local(p) for p in params],
+            [_local(p.grad) for p in params],
+            [_local(self.state[p][K.EXP_AVG]) for p in params],
+            [_local(self.state[p][K.EXP_AVG_SQ]) for p in params],
             [self.state[p][K.STEP] for p in params],
             lr=float(group["lr"]),
             beta1=beta1,
@@ -262,10 +283,11 @@ class ARO(Optimizer):
         needing = params + [group["params"][owners[index[id(p)]][0]] for p in params if index[id(p)] in owners]
         for p in needing:
             if not self.state[p]:
-                init_state(group, index[id(p)], p, self.state[p], _compute_dtype(p.dtype))
+                wrap = (lambda t, p=p: shard_like(t, p)) if self._mode == "sharded" else None
+                init_state(group, index[id(p)], p, self.state[p], _compute_dtype(p.dtype), wrap=wrap)
         states = [self.state[p] for p in params]
-        bufs = [s[K.MOMENTUM] for s in states]
-        grads = [p.grad.to(b.dtype) for p, b in zip(params, bufs)]
+        bufs = [_local(s[K.MOMENTUM]) for s in states]
+        grads = [_local(p.grad).to(b.dtype) for p, b in zip(params, bufs)]
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
         # M = beta*M + (1-beta)*G
@@ -279,11 +301,51 @@ class ARO(Optimizer):
             eps=group["eps"],
         )
         units = plan_units(group, params, self.state)
-        updates, n_rotations = run_units(
-            group, units, self.state, {id(p): g for p, g in zip(params, grads)}, f, self._count
-        )
+        adam = group["base"] == "adam"
+        if self._mode == "sharded":
+            # beta*M + (1-beta)*G on the local rows
+            momentum = {id(p): torch.lerp(g, b, group["beta"]) if group["nesterov"] else b
+                        for p, g, b in zip(params, grads, bufs)}
+            updates, n_rotations, loads = sharded_run_units(
+                group, units, momentum, self.state, f, self._count, self._process_group, adam
+            )
+        else:
+            src = local_sources(group, params, grads, self.state)
+            if self._mode == "replicated":
+                updates, n_rotations, loads = replicated_run_units(
+                    group, units, src, f, self._count, self._process_group, adam
+                )
+            else:
+                updates, n_rotations = run_units(group, units, src, f, self._count)
+                loads = []
         self._last_qr_count += n_rotations
-        _apply_update_(params, [updates[id(p)] for p in params], lr=float(group["lr"]), weight_decay=group["weight_decay"])
+        self._last_loads = [a + b for a, b in zip(self._last_loads, loads)] if self._last_loads else loads
+        _apply_update_([_local(p) for p in params], [updates[id(p)] for p in params], lr=float(group["lr"]),
+                       weight_decay=group["weight_decay"])
+
+    def _setup_distribution(self, process_group: Any) -> None:
+        """local / replicated (DDP work split) / sharded (FSDP2 DTensor parameters)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        sharded = [p for p in params if _is_dtensor(p)]
+        pg = _normalize_process_group(process_group)
+        if sharded:
+            if len(sharded) != len(params):
+                raise ValueError("ARO got a mix of DTensor and regular parameters; shard all of them (fully_shard) or none")
+            for i, p in enumerate(sharded):
+                if p.device_mesh.ndim != 1 or any(type(pl).__name__ != "Shard" or pl.dim != 0 for pl in p.placements):
+                    raise ValueError(
+                        f"ARO supports DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2 fully_shard); "
+                        f"parameter {i} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh"
+                    )
+            mesh_group = sharded[0].device_mesh.get_group()
+            self._process_group = pg if pg is not None else mesh_group
+            self._mode = "sharded"
+        elif pg is not None:
+            self._process_group = pg
+            self._mode = "replicated"
+        else:
+            self._process_group = None
+            self._mode = "local"
 
     # ------------------------------------------------------------------ stats
     def _count(self, name: str, value: Tensor) -> None:
@@ -295,11 +357,14 @@ class ARO(Optimizer):
         """Counters since construction: ``qr_fallbacks`` (shifted-Cholesky matrices redone by
         Householder), ``degenerate_rotations`` (zero/non-finite cross-Grams that kept the
         previous rotation), ``nonfinite_skips`` (parameter steps skipped for NaN/Inf
-        gradients), and ``qr_per_step`` (rotations computed in the last step)."""
+        gradients), ``qr_per_step`` (rotations computed by this rank in the last step) and, when
+        the work is split across ranks, ``rotation_cost_by_rank`` (last step's rotation FLOPs, up
+        to a constant, assigned to each rank)."""
         out = {"qr_fallbacks": 0, "degenerate_rotations": 0, "nonfinite_skips": 0}
         for (name, _), value in self._counters.items():
             out[name] += int(value)
         out["qr_per_step"] = self._last_qr_count
+        out["rotation_cost_by_rank"] = list(self._last_loads)
         return out
 
     # ------------------------------------------------------------------ state dict
@@ -344,6 +409,36 @@ def _apply_update_(params: list[Tensor], updates: list[Tensor], *, lr: float, we
     for p, u in zip(params, updates):
         if p.dtype != u.dtype:
             p.copy_(p.to(u.dtype).mul_(1.0 - lr * weight_decay).add_(u, alpha=-lr))
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" or (hasattr(t, "device_mesh") and hasattr(t, "placements"))
+
+
+def _zeros_like(p: Tensor, dtype: torch.dtype) -> Tensor:
+    if _is_dtensor(p):
+        return torch.zeros_like(p, dtype=dtype)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _normalize_process_group(pg: Any) -> Any:
+    """ProcessGroup, 1-D DeviceMesh or None; anything else is a TypeError."""
+    if pg is None:
+        return None
+    if not torch.distributed.is_available():
+        raise TypeError("process_group needs torch.distributed, which this torch build lacks")
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(pg, DeviceMesh):
+        if pg.ndim != 1:
+            raise ValueError(f"Invalid process_group: a {pg.ndim}-D DeviceMesh; pass a 1-D mesh or one of its groups")
+        return pg.get_group()
+    if isinstance(pg, ProcessGroup):
+        return pg
+    raise TypeError(
+        f"Invalid process_group: {type(pg).__name__}; expected None, a torch.distributed.ProcessGroup or a DeviceMesh"
+    )
 
 
 def _param_label(group: dict[str, Any], index: int, p: Tensor) -> str:

@@ -151,3 +151,21 @@ def test_identity_policy_has_no_rotation():
 def test_unknown_policy_rejected():
     with pytest.raises(ValueError, match="rotation policy"):
         rotated_step(torch.randn(3, 3), torch.eye(3), policy="spin", f=sign)
+
+
+@pytest.mark.parametrize("f", [sinkhorn, row_norm])
+def test_null_directions_of_a_rank_deficient_momentum_stay_zero(f):
+    # a softmax router's gradient has rows summing to zero; for 2 experts the rows are opposite,
+    # so M is rank 1 and R^T M has a row of pure rounding noise that must not be blown up
+    g = torch.randn(16)
+    M = torch.stack([g, -g])
+    R = torch.eye(2)
+    for _ in range(3):
+        out = rotated_step(M, R, policy="aro", f=f)
+        R = out.rotation
+    s = torch.linalg.svdvals(out.update)
+    assert s[1] < 1e-5 * s[0]
+    # the float64 version of the same step agrees: rounding noise does not decide the update
+    out64 = rotated_step(M.double(), torch.eye(2, dtype=torch.float64), policy="aro", f=f)
+    ref = rotated_step(M, torch.eye(2), policy="aro", f=f)
+    torch.testing.assert_close(ref.update.double(), out64.update, atol=1e-5, rtol=0)

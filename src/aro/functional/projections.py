@@ -94,12 +94,13 @@ def row_norm(X: Tensor, *, eps: float = 1e-8) -> Tensor:
 
     Steepest descent for the max-row-norm; ARO with it converges to Muon's
     :math:`\sqrt{n}\,UV^\top` (SPEC §9.2). Rows with norm below ``eps`` (relative to the
-    largest entry) are treated as zero and left as they are.
+    largest entry) or at rounding-noise level (see :func:`_signal_masks`) are set to zero.
     """
     X = unit_scale(X)
-    n = X.shape[-1]
+    m, n = X.shape[-2], X.shape[-1]
     r = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
-    scale = torch.where(r > eps, math.sqrt(n) / torch.where(r > eps, r, torch.ones_like(r)), torch.ones_like(r))
+    row_keep = _signal_masks(X * X, m, n)[0].unsqueeze(-1) & (r > eps)
+    scale = torch.where(row_keep, math.sqrt(n) / torch.where(row_keep, r, torch.ones_like(r)), torch.zeros_like(r))
     return rms_normalize(X * scale)
 
 
@@ -131,8 +132,8 @@ def sinkhorn(
     (``simultaneous`` uses the old :math:`u` for :math:`v`, ``alternating`` the new one): two
     multiply-and-sum passes over ``S`` per iteration, no rewriting of the matrix. Squared
     norms are clamped below at :math:`\epsilon^2` (``X`` is first divided by its largest
-    entry), so zero rows and columns stay zero and nothing overflows. The result is
-    renormalized to RMS 1.
+    entry), so nothing overflows, and rows or columns that are only rounding noise
+    (see :func:`_signal_masks`) stay zero. The result is renormalized to RMS 1.
 
     Args:
         X: ``(..., m, n)`` input.
@@ -146,17 +147,35 @@ def sinkhorn(
     m, n = X.shape[-2], X.shape[-1]
     S = X * X
     floor = eps * eps
-    u = X.new_ones(X.shape[:-1])  # a*a, (..., m)
-    v = X.new_ones(X.shape[:-2] + (n,))  # b*b, (..., n)
+    row_keep, col_keep = _signal_masks(S, m, n)
+    u = row_keep.to(X.dtype)  # a*a, (..., m)
+    v = col_keep.to(X.dtype)  # b*b, (..., n)
+    zero_u, zero_v = torch.zeros_like(u), torch.zeros_like(v)
     # Matrix-vector products as multiply-and-sum: on CPU a batched GEMV through bmm is ~5x
     # slower than this for the sizes ARO sees.
     for _ in range(num_iters):
-        u_new = n / (S * v.unsqueeze(-2)).sum(dim=-1).clamp_min(floor)
+        u_new = torch.where(row_keep, n / (S * v.unsqueeze(-2)).sum(dim=-1).clamp_min(floor), zero_u)
         if variant == "alternating":
             u = u_new
-        v = m / (S * u.unsqueeze(-1)).sum(dim=-2).clamp_min(floor)
+        v = torch.where(col_keep, m / (S * u.unsqueeze(-1)).sum(dim=-2).clamp_min(floor), zero_v)
         u = u_new
     return rms_normalize(u.sqrt().unsqueeze(-1) * X * v.sqrt().unsqueeze(-2))
+
+
+def _signal_masks(S: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
+    r"""Rows and columns of :math:`X` (given :math:`S = X\odot X`) that carry signal.
+
+    A row (column) whose norm is below :math:`10\,u\sqrt{\max(m,n)}` times the largest row
+    (column) norm -- :math:`u` the unit roundoff -- is rounding noise of the product that made
+    ``X`` (e.g. :math:`R^\top M` for a rank-deficient :math:`M`, such as a softmax router's
+    gradient, whose rows sum to zero). Balancing would blow it up to full size, so it is left
+    at zero.
+    """
+    tol2 = (10.0 * torch.finfo(S.dtype).eps / 2) ** 2 * max(m, n)
+    rows, cols = S.sum(dim=-1), S.sum(dim=-2)
+    row_keep = rows > tol2 * rows.amax(dim=-1, keepdim=True)
+    col_keep = cols > tol2 * cols.amax(dim=-1, keepdim=True)
+    return row_keep, col_keep
 
 
 # Quintic Newton-Schulz coefficients of Muon (K. Jordan, github.com/KellerJordan/Muon), also

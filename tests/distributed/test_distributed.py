@@ -1,0 +1,120 @@
+"""DDP and FSDP2 ARO against the single-process optimizer (gloo, 2 and 3 CPU processes)."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import aro
+
+from . import workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world, *args):
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def rotations_of(opt, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: st["rotation"] for p, st in opt.state.items() if "rotation" in st}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("sharing,base", [("none", "sinkhorn"), ("chain", "adam")])
+def test_ddp_equals_single_process(tmp_path, world, sharing, base):
+    spawn(W.ddp_worker, world, str(tmp_path), 5, sharing, base, None)
+    model, opt = W.train_single(5, sharing, base=base)
+    expected_rot = rotations_of(opt, model)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"ddp_rank{rank}.pt", weights_only=False)
+        for name, p in model.state_dict().items():
+            assert rel(got["model"][name], p) < 1e-6, (rank, name)
+        # every rank's optimizer state holds the true rotation of every matrix
+        saved = got["opt"]["state"]
+        ours = opt.state_dict()["state"]
+        assert saved.keys() == ours.keys()
+        for k in ours:
+            if "rotation" in ours[k]:
+                assert rel(saved[k]["rotation"], ours[k]["rotation"]) < 1e-5, (rank, k)
+        loads = got["stats"]["rotation_cost_by_rank"]
+        assert len(loads) == world and sum(loads) > 0
+        if sharing == "none":  # many units: every rank gets work (chain has only L + 1 = 2 rotations)
+            assert all(x > 0 for x in loads)
+    assert expected_rot  # the model has rotations to compare
+
+
+def test_ddp_checkpoint_across_world_sizes(tmp_path):
+    # 2 ranks -> 1 process
+    spawn(W.ddp_worker, 2, str(tmp_path), 3, "none", "sinkhorn", None)
+    ckpt = torch.load(tmp_path / "ddp_rank0.pt", weights_only=False)
+    model = W.build()
+    model.load_state_dict(ckpt["model"])
+    opt = W.make_optimizer(model, "none")
+    opt.load_state_dict(ckpt["opt"])
+    W.train_single(2, "none", start=3, model=model, opt=opt)
+    ref, _ = W.train_single(5, "none")
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel(p.detach(), q.detach()) < 1e-6, n
+    # 1 process -> 3 ranks
+    single, opt1 = W.train_single(3, "none")
+    path = tmp_path / "single.pt"
+    torch.save({"model": single.state_dict(), "opt": opt1.state_dict(), "step": 3}, path)
+    spawn(W.ddp_worker, 3, str(tmp_path), 2, "none", "sinkhorn", str(path))
+    got = torch.load(tmp_path / "ddp_rank2.pt", weights_only=False)
+    for n, p in ref.state_dict().items():
+        assert rel(got["model"][n], p) < 1e-6, n
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("sharing,base", [("none", "sinkhorn"), ("chain", "adam")])
+def test_fsdp2_equals_single_process(tmp_path, world, sharing, base):
+    spawn(W.fsdp_worker, world, str(tmp_path), 5, sharing, base, None)
+    model, opt = W.train_single(5, sharing, base=base)
+    expected_rot = rotations_of(opt, model)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"fsdp_rank{rank}.pt", weights_only=False)
+        for name, p in model.named_parameters():
+            assert rel(got["params"][name], p.detach()) < 1e-6, (rank, name)
+        assert got["rotations"].keys() == expected_rot.keys()
+        for name, R in expected_rot.items():
+            assert rel(got["rotations"][name], R) < 1e-5, (rank, name)
+
+
+def test_fsdp2_checkpoint_2_ranks_resumes_on_1_and_1_on_2(tmp_path):
+    spawn(W.fsdp_worker, 2, str(tmp_path), 3, "chain", "sinkhorn", None)
+    model, opt, start = W.load_dcp_single(str(tmp_path / "dcp"), "chain", "sinkhorn")
+    assert start == 3
+    W.train_single(2, "chain", start=3, model=model, opt=opt)
+    ref, ref_opt = W.train_single(5, "chain")
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel(p.detach(), q.detach()) < 1e-6, n
+    # and the other way: the 1-process FSDP (mesh of 1) checkpoint resumed on 2 ranks
+    one = tmp_path / "one"
+    one.mkdir()
+    spawn(W.fsdp_worker, 1, str(one), 3, "chain", "sinkhorn", None)
+    two = tmp_path / "two"
+    two.mkdir()
+    spawn(W.fsdp_worker, 2, str(two), 2, "chain", "sinkhorn", str(one / "dcp"))
+    got = torch.load(two / "fsdp_rank1.pt", weights_only=False)
+    for n, p in ref.named_parameters():
+        assert rel(got["params"][n], p.detach()) < 1e-6, n
+
+
+def test_process_group_type_is_checked():
+    with pytest.raises(TypeError, match="process_group"):
+        aro.ARO([torch.nn.Parameter(torch.randn(3, 3))], process_group="world")

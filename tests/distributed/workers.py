@@ -1,0 +1,185 @@
+"""Spawned workers for the distributed tests (gloo, CPU). Results go to files in ``out``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import aro
+from aro.bench.models import GPT, ModelConfig
+
+# d = 16 splits unevenly over 3 ranks (6, 5, 5); 2 experts leave a rank with an empty shard;
+# one block, so the expert shapes occur once. top_k = E: with top-1 of renormalised gates the
+# router would get no gradient at all, only rounding noise, which RMS matching turns into full steps.
+CFG = ModelConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=1, n_heads=2, n_experts=2, top_k=2, expert_hidden=8)
+LR = 0.02
+
+
+def build(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    # the MoE's experts are created empty; give them values
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 3:
+                p.normal_(0, 0.2)
+    return model
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, 32, (6, CFG.seq_len + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+# The distributed tests compare against the single-process optimizer to 1e-6, so the gradients
+# must be bitwise equal: rank 0 computes the whole batch, the other ranks contribute exact zeros,
+# and the data-parallel reduction sums instead of averaging (g + 0 + 0 = g exactly). Splitting the
+# batch would add the reduction's rounding (~1e-7), which any optimizer's step can amplify in the
+# ill-conditioned directions of such tiny matrices.
+def rank_weight(rank: int) -> float:
+    return 1.0 if rank == 0 else 0.0
+
+
+def sum_hook(process_group, bucket):
+    fut = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def make_optimizer(model, sharing: str, **kw):
+    return aro.ARO(aro.param_groups(model, mode="full", sharing=sharing), lr=LR, base=kw.pop("base", "sinkhorn"), **kw)
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1))
+
+
+def train_single(steps: int, sharing: str, start: int = 0, model=None, opt=None, base="sinkhorn"):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same summation order in every kernel
+    try:
+        model = model or build()
+        opt = opt or make_optimizer(model, sharing, base=base)
+        for t in range(start, start + steps):
+            x, y = batch(t)
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model, opt
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def ddp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing: str, base: str, resume: str | None):
+    _init(rank, world, port)
+    try:
+        model = build()
+        start = 0
+        opt = make_optimizer(model, sharing, base=base, process_group=dist.group.WORLD)
+        if resume:
+            ckpt = torch.load(resume, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            start = ckpt["step"]
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp.register_comm_hook(None, sum_hook)
+        for t in range(start, start + steps):
+            x, y = batch(t)
+            opt.zero_grad()
+            (_loss(ddp, x, y) * rank_weight(rank)).backward()
+            opt.step()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": start + steps,
+                    "stats": opt.stats()}, Path(out) / f"ddp_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _exact_sharded_grads(model, x, y) -> None:
+    """Replace FSDP's reduced gradients by the shards of the exact full-batch gradient."""
+    from aro.distributed.sharded import shard_like
+
+    replica = build()
+    with torch.no_grad():
+        for (_, p), q in zip(model.named_parameters(), replica.parameters()):
+            q.copy_(p.full_tensor())
+    _loss(replica, x, y).backward()
+    for (_, p), q in zip(model.named_parameters(), replica.parameters()):
+        p.grad = shard_like(q.grad, p.grad)
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing: str, base: str, resume: str | None):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import torch.distributed.checkpoint as dcp
+
+    _init(rank, world, port)
+    try:
+        model = build()
+        mesh = init_device_mesh("cpu", (world,))
+        for module in list(model.blocks) + [model]:
+            fully_shard(module, mesh=mesh)
+        opt = make_optimizer(model, sharing, base=base)
+        start = 0
+        if resume:
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "opt": osd}
+            dcp.load(state, checkpoint_id=resume)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
+            start = int(Path(resume, "step.txt").read_text())
+        for t in range(start, start + steps):
+            x, y = batch(t)
+            opt.zero_grad()
+            # FSDP averages over ranks (gloo has no pre-multiplied sum): rank 0 carries world x loss,
+            # exact when world is a power of two ((2g + 0) / 2 = g)
+            (_loss(model, x, y) * rank_weight(rank) * world).backward()
+            if world & (world - 1):
+                _exact_sharded_grads(model, x, y)  # (3g + 0 + 0) / 3 is not g in floating point
+            opt.step()
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        rotations = {}
+        for g in opt.param_groups:
+            for n, p in zip(g["param_names"], g["params"]):
+                r = opt.state[p].get("rotation")
+                if r is not None:
+                    rotations[n] = r.full_tensor()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "opt": osd}, checkpoint_id=str(Path(out) / "dcp"))
+        if rank == 0:
+            Path(out, "dcp", "step.txt").write_text(str(start + steps))
+        torch.save({"params": full, "rotations": rotations, "stats": opt.stats()}, Path(out) / f"fsdp_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def load_dcp_single(path: str, sharing: str, base: str):
+    """A single process (no process group) resuming from a DCP checkpoint written by FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    import torch.distributed.checkpoint as dcp
+
+    model = build()
+    opt = make_optimizer(model, sharing, base=base)
+    # create the state entries so the loader knows their structure
+    x, y = batch(0)
+    _loss(model, x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "opt": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
+    return model, opt, int(Path(path, "step.txt").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(0)
