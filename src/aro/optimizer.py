@@ -211,6 +211,8 @@ class ARO(Optimizer):
                         f"ARO does not support sparse gradients ({_param_label(group, i, p)}); "
                         "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
                     )
+                if p.numel() == 0:
+                    continue  # nothing to update (global size: every rank decides alike)
                 params.append(p)
             params = self._screen_nonfinite(group, params)
             self._adamw_step(group, [p for p in params if not self._uses_aro(group, p)])

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         print(f"aro {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -187,11 +187,15 @@ def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) 
     steps = [t for line in lines for t in line["step_times"]]
     opts = [t for line in lines for t in line["opt_times"]]
     skip = TIMING_WARMUP_STEPS if len(steps) > 2 * TIMING_WARMUP_STEPS else 0
-    stats: dict[str, int] = {}
+    stats: dict = {}
     for opt in optimizers:
         if hasattr(opt, "stats"):
             for k, v in opt.stats().items():
-                stats[k] = stats.get(k, 0) + v
+                if isinstance(v, list):  # per-rank values: add rank by rank
+                    old = stats.get(k, [0] * len(v))
+                    stats[k] = [a + b for a, b in zip(old, v)]
+                else:
+                    stats[k] = stats.get(k, 0) + v
     return {
         "spec": asdict(spec),
         "final_val_loss": None if diverged else lines[-1]["val_loss"],

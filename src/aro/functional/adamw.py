@@ -6,7 +6,8 @@ r"""AdamW for the parameters ARO does not rotate (norm gains, biases, embeddings
 
 This is :class:`torch.optim.AdamW`'s update; it is reimplemented (with foreach kernels) only
 because ARO keeps its state in float32 for bf16/fp16 parameters, which ``torch.optim``'s
-functional AdamW does not allow, and because the caller filters non-finite gradients first.
+functional AdamW does not allow, because the caller filters non-finite gradients first, and
+because the second moment saturates at the dtype's largest value instead of overflowing.
 State keys are torch's: ``exp_avg``, ``exp_avg_sq``, ``step``.
 """
 
@@ -44,6 +45,8 @@ def adamw_(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    # saturate instead of overflowing (|g| > 1.8e19 in float32): no Inf ever enters the state
+    torch._foreach_clamp_max_(exp_avg_sqs, torch.finfo(exp_avg_sqs[0].dtype).max)
     step_values = [float(s) for s in steps]
     bias1 = [1.0 - beta1**t for t in step_values]
     bias2_sqrt = [(1.0 - beta2**t) ** 0.5 for t in step_values]

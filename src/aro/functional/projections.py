@@ -165,13 +165,16 @@ def sinkhorn(
 def _signal_masks(S: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
     r"""Rows and columns of :math:`X` (given :math:`S = X\odot X`) that carry signal.
 
-    A row (column) whose norm is below :math:`10\,u\sqrt{\max(m,n)}` times the largest row
-    (column) norm -- :math:`u` the unit roundoff -- is rounding noise of the product that made
-    ``X`` (e.g. :math:`R^\top M` for a rank-deficient :math:`M`, such as a softmax router's
-    gradient, whose rows sum to zero). Balancing would blow it up to full size, so it is left
-    at zero.
+    A row (column) whose norm is below :math:`\tau = \max(1000\,u,\ 10\,u\sqrt{\max(m,n)})`
+    times the largest row (column) norm -- :math:`u` the unit roundoff -- is rounding noise of
+    the product that made ``X`` (e.g. :math:`R^\top M` for a rank-deficient :math:`M`, such as
+    a softmax router's gradient, whose rows sum to zero). Balancing would blow it up to full
+    size, so it is left at zero. The floor :math:`1000\,u` sits ten times above the
+    :math:`100\,u` warm-start perturbation of the rotation (:mod:`aro.functional.qr`), which
+    is what a null direction of :math:`M` leaks into such a row.
     """
-    tol2 = (10.0 * torch.finfo(S.dtype).eps / 2) ** 2 * max(m, n)
+    u = torch.finfo(S.dtype).eps / 2
+    tol2 = max(1000.0 * u, 10.0 * u * math.sqrt(max(m, n))) ** 2
     rows, cols = S.sum(dim=-1), S.sum(dim=-2)
     row_keep = rows > tol2 * rows.amax(dim=-1, keepdim=True)
     col_keep = cols > tol2 * cols.amax(dim=-1, keepdim=True)
@@ -232,7 +235,8 @@ class AdamProjection:
         return V_new.clamp_(max=torch.finfo(V_new.dtype).max)
 
     def _direction(self, Z: Tensor, V: Tensor, bias_correction: Tensor) -> Tensor:
-        return rms_normalize(unit_scale(Z / ((V / bias_correction).sqrt() + self.eps)))
+        # sqrt(V)/sqrt(c) rather than sqrt(V/c): a saturated V must not overflow to Inf here
+        return rms_normalize(unit_scale(Z / (V.sqrt() / bias_correction.sqrt() + self.eps)))
 
     def lookahead(self, Z: Tensor, V: Tensor, bias_correction: Tensor) -> Tensor:
         """Scratch direction :math:`\\tilde D` for the cross-Gram; ``V`` is not modified."""
