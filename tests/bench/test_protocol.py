@@ -107,3 +107,19 @@ def test_smoke_bench_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
     summary = json.loads((out_b / "summary.json").read_text())
     assert set(summary["optimizers"]) == {"aro-sinkhorn", "adamw", "aro-sign"}
     assert (out_b / "runs" / "adamw__lr0.002__seed0__steps12" / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("optimum,expected_extra", [(3e-3, []), (1e-2, [0.016]), (1e-4, [5e-4, 2.5e-4]),
+                                                    (1.0, [0.016, 0.032])])
+def test_sweep_is_extended_beyond_an_edge_optimum_at_most_twice(optimum, expected_extra):
+    from aro.bench.protocol import _bracket_optimum
+
+    def loss(lr):  # a bowl in log(lr) with its minimum at `optimum`
+        import math
+
+        return {"final_val_loss": (math.log(lr) - math.log(optimum)) ** 2}
+
+    by_lr = {lr: loss(lr) for lr in (1e-3, 2e-3, 4e-3, 8e-3)}
+    ran = []
+    _bracket_optimum(by_lr, lambda lr: ran.append(lr) or loss(lr))
+    assert ran == expected_extra

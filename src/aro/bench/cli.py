@@ -4,6 +4,8 @@
     aro bench --preset standard              # the whole protocol, about 2 hours on 2 cores
     aro bench --optimizers adamw,aro-sign --steps 200 --lr-grid 2e-3,4e-3 --out runs/mine
     aro report runs/bench-quick              # rebuild summary and figures from the logs
+    aro stepbench --out benchmarks/results/stepbench-cpu.json   # optimizer-step cost, side by side
+    aro distbench --worlds 1,2,3 --modes ddp,fsdp2               # per-rank step time and work split
 """
 
 from __future__ import annotations
@@ -37,6 +39,65 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stepbench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .stepbench import format_stepbench, run_stepbench
+
+    result = run_stepbench(
+        optimizers=_names(args.optimizers), presets=_names(args.presets),
+        dims=[int(d) for d in _names(args.dims)], train_preset=args.train_preset or None, out=Path(args.out),
+        warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, threads=args.threads,
+    )
+    print(format_stepbench(result))
+    print(f"\nresults: {args.out} and {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_stepbench(sub) -> None:
+    from .stepbench import DEFAULT_DIMS, DEFAULT_OPTIMIZERS, DEFAULT_PRESETS
+
+    sb = sub.add_parser("stepbench", help="time the optimizer step (and training step) side by side")
+    sb.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help="comma-separated registry names")
+    sb.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="model presets whose parameters are stepped")
+    sb.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="d for the d x d and d x 4d matrices")
+    sb.add_argument("--train-preset", default="small", help="model of the training-step timing ('' to skip)")
+    sb.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    sb.add_argument("--repeats", type=int, default=15, help="at most this many timed rounds")
+    sb.add_argument("--budget", type=float, default=20.0, help="stop timing a case after this many seconds (>= 3 rounds)")
+    sb.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    sb.add_argument("--out", default="benchmarks/results/stepbench-cpu.json", help="JSON path; the plot goes beside it")
+    sb.set_defaults(func=_stepbench)
+
+
+def _distbench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .distbench import format_distbench, run_distbench
+
+    result = run_distbench(preset=args.preset, worlds=[int(w) for w in _names(args.worlds)], modes=_names(args.modes),
+                           sharing=args.sharing, warmup=args.warmup, repeats=args.repeats, out=Path(args.out))
+    print(format_distbench(result))
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+def _add_distbench(sub) -> None:
+    db = sub.add_parser("distbench", help="distributed optimizer step per rank (gloo processes on this machine)")
+    db.add_argument("--preset", default="small", help="model preset")
+    db.add_argument("--worlds", default="1,2,3", help="comma-separated world sizes")
+    db.add_argument("--modes", default="ddp,fsdp2", help="ddp and/or fsdp2")
+    db.add_argument("--sharing", default="none", choices=["none", "global", "chain"], help="rotation sharing plan")
+    db.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    db.add_argument("--repeats", type=int, default=10, help="timed steps")
+    db.add_argument("--out", default="benchmarks/results/distbench-cpu.json", help="JSON path")
+    db.set_defaults(func=_distbench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aro", description="Adaptively Rotated Optimization: benchmark and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild summary.json/csv and figures from a run folder's logs")
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
+    _add_stepbench(sub)
+    _add_distbench(sub)
     return parser
 
 

@@ -29,7 +29,7 @@ from .data import load_corpus
 from .metrics import mean_std, speedup
 from .train import RunSpec, atomic_write_text, run_training
 
-__all__ = ["BASELINES", "run_benchmark", "summarize"]
+__all__ = ["BASELINES", "environment_info", "run_benchmark", "summarize"]
 
 BASELINES = ("adamw", "muon")
 
@@ -54,7 +54,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment() -> dict[str, Any]:
+def environment_info() -> dict[str, Any]:
     return {
         "git_sha": _git_sha(),
         "torch": torch.__version__,
@@ -94,7 +94,7 @@ def _write_config(cfg: BenchConfig, corpus_info: dict) -> dict:
         config["optimizers"] = previous["optimizers"] + [o for o in config["optimizers"] if o not in previous["optimizers"]]
         for k in _EXTENDABLE[1:]:
             config[k] = {**previous.get(k, {}), **config[k]}
-    atomic_write_text(path, json.dumps({"config": config, "corpus": corpus_info, "environment": _environment()}, indent=1))
+    atomic_write_text(path, json.dumps({"config": config, "corpus": corpus_info, "environment": environment_info()}, indent=1))
     return config
 
 
@@ -118,6 +118,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
             if i < len(grids[name]):
                 lr = grids[name][i]
                 results[name][lr] = run(RunSpec(name, lr, 0, cfg.steps))
+    for name in cfg.optimizers:
+        if len(grids[name]) > 1:
+            _bracket_optimum(results[name], lambda lr, name=name: run(RunSpec(name, lr, 0, cfg.steps)))
     chosen = {name: _choose_lr(results[name]) for name in cfg.optimizers}
     for k in sorted(cfg.overtrain):
         for seed in range(cfg.seeds):
@@ -128,6 +131,30 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
     summary = summarize(out)
     write_report(out, summary)
     return summary
+
+
+# A sweep whose best lr lies on an edge of its grid is extended by factors of 2 beyond that
+# edge, at most this many points, so each optimizer's optimum is bracketed: the same rule for
+# every optimizer, so no method is left under-tuned by a grid chosen for another.
+MAX_GRID_EXTENSIONS = 2
+
+
+def _bracket_optimum(by_lr: dict[float, dict], run_at) -> None:
+    for _ in range(MAX_GRID_EXTENSIONS):
+        grid = sorted(by_lr)
+        best = _choose_lr(by_lr)
+        if best == grid[-1]:
+            lr = _round_lr(grid[-1] * 2)
+        elif best == grid[0]:
+            lr = _round_lr(grid[0] / 2)
+        else:
+            return
+        by_lr[lr] = run_at(lr)
+
+
+def _round_lr(lr: float) -> float:
+    """``lr`` to 6 significant digits: 4e-3 * 2 is 0.008, not 0.008000000000000002."""
+    return float(f"{lr:.6g}")
 
 
 def _choose_lr(by_lr: dict[float, dict]) -> float:

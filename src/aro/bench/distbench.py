@@ -1,0 +1,129 @@
+"""``aro distbench``: the distributed optimizer step, per rank, for several world sizes.
+
+For each world size ``N`` it spawns ``N`` gloo processes on this machine (one torch thread
+each), builds the same model on every rank, wraps it for data parallelism -- ``ddp``: full
+replicas and ``aro.ARO(..., process_group=WORLD)``, which splits the rotation work by cost and
+all-gathers the updates; ``fsdp2``: ``fully_shard`` per block, the optimizer assembling whole
+matrices by all-to-all -- gives every rank the same fixed gradients and times ``opt.step()``
+after warm-up (a barrier before each step, so the ranks start together). It reports each
+rank's median step time and its share of the rotation FLOPs (``ARO.stats()``'s
+``rotation_cost_by_rank``: the cost model :math:`m^2 n + m^3` per matrix that the split
+balances).
+
+On a machine with fewer cores than ranks the processes share cores; the FLOP shares are
+exact regardless, the times then show the oversubscription.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .models import build_model
+from .optimizers import ADAMW_BETAS, ADAMW_EPS
+from .protocol import environment_info
+from .train import atomic_write_text
+
+__all__ = ["DIST_MODES", "run_distbench"]
+
+DIST_MODES = ("ddp", "fsdp2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: str, warmup: int, repeats: int,
+            out: str) -> None:
+    import aro
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build_model(preset, seed=0)
+        if mode == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            pg = None  # DTensor parameters: the optimizer takes the mesh's group itself
+        else:
+            pg = dist.group.WORLD if world > 1 else None
+        groups = aro.param_groups(model, sharing=sharing)
+        opt = aro.ARO(groups, lr=1e-3, weight_decay=0.1, betas=ADAMW_BETAS, eps=ADAMW_EPS, process_group=pg)
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            full = torch.randn(p.shape, generator=g) * 1e-2  # the same full gradient on every rank
+            if hasattr(p, "to_local"):
+                from aro.distributed.sharded import shard_like
+
+                p.grad = shard_like(full, p)
+            else:
+                p.grad = full
+        times = []
+        for i in range(warmup + repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        stats = opt.stats()
+        row = {"rank": rank, "step_ms": 1e3 * statistics.median(times), "qr_per_step": stats["qr_per_step"],
+               "rotation_cost_by_rank": stats["rotation_cost_by_rank"]}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(row))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distbench(*, preset: str, worlds: list[int], modes: list[str], sharing: str = "none", warmup: int = 3,
+                  repeats: int = 10, out: Path, progress=print) -> dict:
+    bad = [m for m in modes if m not in DIST_MODES]
+    if bad:
+        raise ValueError(f"distbench --modes: unknown {bad}; choose from {DIST_MODES}")
+    if any(w < 1 for w in worlds):
+        raise ValueError(f"distbench --worlds: world sizes must be >= 1, got {worlds}")
+    result = {"environment": environment_info(), "preset": preset, "sharing": sharing,
+              "settings": {"warmup": warmup, "repeats": repeats}, "runs": []}
+    for mode in modes:
+        for world in worlds:
+            progress(f"{mode}, world {world}")
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.spawn(_worker, args=(world, _free_port(), preset, mode, sharing, warmup, repeats, tmp),
+                         nprocs=world, join=True)
+                ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+            costs = ranks[0]["rotation_cost_by_rank"] or [1.0]
+            total = sum(costs) or 1.0
+            result["runs"].append({
+                "mode": mode, "world": world,
+                "step_ms_by_rank": [r["step_ms"] for r in ranks],
+                "qr_per_step_by_rank": [r["qr_per_step"] for r in ranks],
+                "rotation_flop_share_by_rank": [c / total for c in costs],
+            })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    return result
+
+
+def format_distbench(result: dict) -> str:
+    lines = [f"optimizer step per rank, preset {result['preset']}, sharing {result['sharing']} "
+             "(ms, median | rotation FLOP share | rotations computed)"]
+    for r in result["runs"]:
+        cells = [f"rank{i} {ms:.1f} ms | {share:.0%} | {q}" for i, (ms, share, q) in
+                 enumerate(zip(r["step_ms_by_rank"], r["rotation_flop_share_by_rank"], r["qr_per_step_by_rank"]))]
+        lines.append(f"  {r['mode']:<5} world {r['world']}: " + "   ".join(cells))
+    return "\n".join(lines)
