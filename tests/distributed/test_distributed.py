@@ -118,3 +118,45 @@ def test_fsdp2_checkpoint_2_ranks_resumes_on_1_and_1_on_2(tmp_path):
 def test_process_group_type_is_checked():
     with pytest.raises(TypeError, match="process_group"):
         aro.ARO([torch.nn.Parameter(torch.randn(3, 3))], process_group="world")
+
+
+def test_R08_fsdp2_nonfinite_shard_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    spawn(W.fsdp_nonfinite_worker, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"nonfinite_rank{r}.pt", weights_only=False) for r in range(2)]
+    for got in results:
+        assert got["unchanged"] == [got["target"]]  # the poisoned matrix, and only it, kept its values
+        assert got["stats"]["nonfinite_skips"] == 1
+        assert any(got["target"] in w for w in got["warned"])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_bench_under_torchrun_matches_one_process_and_resumes_across_world_sizes(tmp_path, mode):
+    import json
+
+    from aro.bench.cli import main
+
+    extra = ["--optimizers", "aro-sinkhorn,adamw", "--batch-size", "4"]
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    assert main(["bench", "--preset", "smoke", "--out", str(single), "--no-progress", *extra]) == 0
+    spawn(W.bench_worker, 2, str(parallel), mode, extra)
+
+    def curves(out):
+        return {d.name: [json.loads(x)["val_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+                for d in sorted((out / "runs").iterdir())}
+
+    ref, got = curves(single), curves(parallel)
+    assert ref.keys() == got.keys()
+    # the same protocol: only the rounding of the gradient reduction may differ
+    # (FSDP2 without a reshard after evaluation was off by 6e-4 here: a skipped root reduction)
+    for name in ref:
+        assert got[name] == pytest.approx(ref[name], rel=1e-4), name
+    env = json.loads((parallel / "config.json").read_text())["environment"]
+    assert env["parallel"] == mode and env["world_size"] == 2
+    # killed with 2 ranks after the first checkpoint, resumed in one process: the same curves
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Exception):
+        spawn(W.bench_worker, 2, str(crashed), mode, extra, True)
+    assert list(crashed.glob("runs/*/checkpoint.pt"))
+    assert main(["bench", "--preset", "smoke", "--out", str(crashed), "--no-progress", *extra]) == 0
+    for name, curve in curves(crashed).items():
+        assert curve == pytest.approx(ref[name], rel=1e-4), name

@@ -162,6 +162,64 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing:
         dist.destroy_process_group()
 
 
+def fsdp_nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
+    """R08: a NaN in one rank's shard makes every rank skip that parameter (all-reduced decision)."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, port)
+    try:
+        model = build()
+        mesh = init_device_mesh("cpu", (world,))
+        for module in list(model.blocks) + [model]:
+            fully_shard(module, mesh=mesh)
+        opt = make_optimizer(model, "none")
+        names = [n for n, _ in model.named_parameters()]
+        target = next(n for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n)
+        before = {}
+        for t in range(2):
+            x, y = batch(t)
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            if t == 1:
+                before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+                if rank == world - 1:  # only the last rank's shard is poisoned
+                    dict(model.named_parameters())[target].grad.to_local().view(-1)[0] = float("nan")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        after = {n: p.full_tensor() for n, p in model.named_parameters()}
+        torch.save({"target": target, "names": names, "warned": [str(w.message) for w in caught],
+                    "unchanged": [n for n in names if torch.equal(before[n], after[n])],
+                    "stats": opt.stats()}, Path(out) / f"nonfinite_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_worker(rank: int, world: int, port: int, out: str, mode: str, extra: list[str], crash: bool = False) -> None:
+    """``aro bench`` as torchrun would start it: the environment describes the process group.
+    ``crash``: rank 0 dies right after writing the first checkpoint."""
+    from aro.bench import train
+    from aro.bench.cli import main
+
+    if crash:
+        real = train._atomic_save
+
+        def save_then_die(obj, path):
+            real(obj, path)
+            raise RuntimeError("simulated crash")
+
+        train._atomic_save = save_then_die
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    code = main(["bench", "--preset", "smoke", "--parallel", mode, "--out", out, "--no-progress", *extra])
+    if code:
+        raise SystemExit(code)
+
+
 def load_dcp_single(path: str, sharing: str, base: str):
     """A single process (no process group) resuming from a DCP checkpoint written by FSDP."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

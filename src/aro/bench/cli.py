@@ -22,12 +22,22 @@ def _bench(args: argparse.Namespace) -> int:
     from .protocol import run_benchmark
     from .report import format_table
 
+    from .parallel import setup_parallel
+
     cfg = config_from_args(args)
-    print(f"aro bench: preset {cfg.preset}, model {cfg.model}, {len(cfg.optimizers)} optimizer(s), "
+    par = setup_parallel(args.parallel)
+    say = print if par.is_main else (lambda *a, **k: None)
+    say(f"aro bench: preset {cfg.preset}, model {cfg.model}, {len(cfg.optimizers)} optimizer(s), "
           f"{cfg.steps} steps, {cfg.seeds} seed(s) -> {cfg.out_dir}", flush=True)
-    summary = run_benchmark(cfg, progress=not args.no_progress)
-    print(format_table(summary))
-    print(f"\nresults: {cfg.out_dir}/summary.json, summary.csv, figures/")
+    try:
+        summary = run_benchmark(cfg, progress=not args.no_progress, par=par)
+    finally:
+        if par.mode != "none":
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    say(format_table(summary))
+    say(f"\nresults: {cfg.out_dir}/summary.json, summary.csv, figures/")
     return 0
 
 
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="train small LMs with each optimizer under the controlled protocol")
     add_arguments(bench)
     bench.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    bench.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp2"],
+                       help="data parallelism under torchrun (see aro.bench.parallel)")
     bench.set_defaults(func=_bench)
     report = sub.add_parser("report", help="rebuild summary.json/csv and figures from a run folder's logs")
     report.add_argument("run_dir")

@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "ModelConfig", "PRESETS", "build_model"]
+__all__ = ["GPT", "ModelConfig", "PRESETS", "build_model", "lm_loss"]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy, computed in float32."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,7 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return lm_loss(self(idx), targets)
 
 
 def build_model(name_or_cfg: str | ModelConfig, seed: int) -> GPT:

@@ -31,15 +31,15 @@ ADAMW_EPS = 1e-8
 class OptimizerSpec:
     name: str
     description: str
-    build: Callable[[nn.Module, float, float], list[torch.optim.Optimizer]]
+    build: Callable[..., list[torch.optim.Optimizer]]  # (model, lr, wd, process_group)
     aro_options: dict[str, Any] = field(default_factory=dict)
 
 
-def _adamw(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
+def _adamw(model: nn.Module, lr: float, wd: float, process_group=None) -> list[torch.optim.Optimizer]:
     return [torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=wd)]
 
 
-def _muon(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
+def _muon(model: nn.Module, lr: float, wd: float, process_group=None) -> list[torch.optim.Optimizer]:
     roles = aro.classify_parameters(model)
     matrices = [(n, p) for n, (p, role) in roles.items() if role == "matrix" and p.ndim == 2]
     batched = [(n, p) for n, (p, role) in roles.items() if role == "matrix" and p.ndim > 2]
@@ -58,15 +58,17 @@ def _muon(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]
                 base="newton_schulz",
                 rotation="identity",
                 nesterov=True,
+                process_group=process_group,
             )
         )
     return opts
 
 
-def _aro(mode: str = "hybrid", sharing: str = "none", **options: Any) -> Callable[[nn.Module, float, float], list[torch.optim.Optimizer]]:
-    def build(model: nn.Module, lr: float, wd: float) -> list[torch.optim.Optimizer]:
+def _aro(mode: str = "hybrid", sharing: str = "none", **options: Any) -> Callable[..., list[torch.optim.Optimizer]]:
+    def build(model: nn.Module, lr: float, wd: float, process_group=None) -> list[torch.optim.Optimizer]:
         groups = aro.param_groups(model, mode=mode, sharing=sharing)
-        return [aro.ARO(groups, lr=lr, weight_decay=wd, betas=ADAMW_BETAS, eps=ADAMW_EPS, **options)]
+        return [aro.ARO(groups, lr=lr, weight_decay=wd, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                        process_group=process_group, **options)]
 
     return build
 
@@ -105,10 +107,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
-def build_optimizers(name: str, model: nn.Module, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
+def build_optimizers(name: str, model: nn.Module, lr: float, weight_decay: float,
+                     process_group=None) -> list[torch.optim.Optimizer]:
+    """The optimizers of registry entry ``name`` covering every parameter of ``model`` once.
+
+    ``process_group`` (data-parallel replicas, DDP) lets ``aro.ARO`` split its rotation work
+    across ranks; sharded (FSDP2) parameters are detected by ``aro.ARO`` itself.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
-    opts = OPTIMIZERS[name].build(model, lr, weight_decay)
+    opts = OPTIMIZERS[name].build(model, lr, weight_decay, process_group)
     covered = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
     expected = {id(p) for p in model.parameters()}
     if len(covered) != len(set(covered)) or set(covered) != expected:

@@ -27,6 +27,7 @@ import torch
 from .config import BenchConfig
 from .data import load_corpus
 from .metrics import mean_std, speedup
+from .parallel import Parallel
 from .train import RunSpec, atomic_write_text, run_training
 
 __all__ = ["BASELINES", "environment_info", "run_benchmark", "summarize"]
@@ -74,7 +75,7 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 _EXTENDABLE = ("optimizers", "lr_grid_by_optimizer", "lr_by_optimizer")
 
 
-def _write_config(cfg: BenchConfig, corpus_info: dict) -> dict:
+def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel()) -> dict:
     """Write config.json; a folder made by an earlier invocation must use the same protocol.
 
     Returns the folder's config (the union of all optimizers run in it).
@@ -94,22 +95,28 @@ def _write_config(cfg: BenchConfig, corpus_info: dict) -> dict:
         config["optimizers"] = previous["optimizers"] + [o for o in config["optimizers"] if o not in previous["optimizers"]]
         for k in _EXTENDABLE[1:]:
             config[k] = {**previous.get(k, {}), **config[k]}
-    atomic_write_text(path, json.dumps({"config": config, "corpus": corpus_info, "environment": environment_info()}, indent=1))
+    env = {**environment_info(), "parallel": par.mode, "world_size": par.world}
+    atomic_write_text(path, json.dumps({"config": config, "corpus": corpus_info, "environment": env}, indent=1))
     return config
 
 
-def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Run (or resume) the whole protocol and write ``summary.json``/``summary.csv``/figures."""
+def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Parallel()) -> dict:
+    """Run (or resume) the whole protocol and write ``summary.json``/``summary.csv``/figures.
+
+    Under data parallelism every rank calls this (see :mod:`aro.bench.parallel`).
+    """
     from .report import write_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     corpus = load_corpus(cfg.data)
-    _write_config(cfg, corpus.describe())
+    if par.is_main:
+        _write_config(cfg, corpus.describe(), par)
+    par.barrier()
     out = cfg.out_dir
 
     def run(spec: RunSpec) -> dict:
-        return run_training(cfg, spec, corpus, run_dir(out, spec), progress=progress)
+        return run_training(cfg, spec, corpus, run_dir(out, spec), progress=progress, par=par)
 
     grids = {name: cfg.lr_candidates(name) for name in cfg.optimizers}
     results: dict[str, dict[float, dict]] = {name: {} for name in cfg.optimizers}
@@ -128,8 +135,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
                 if k == 1 and seed == 0:
                     continue
                 run(RunSpec(name, chosen[name], seed, k * cfg.steps))
-    summary = summarize(out)
-    write_report(out, summary)
+    par.barrier()
+    summary = summarize(out, write=par.is_main)
+    if par.is_main:
+        write_report(out, summary)
     return summary
 
 
@@ -180,8 +189,8 @@ def _load_runs(out: Path) -> list[dict]:
     return runs
 
 
-def summarize(out: Path) -> dict:
-    """Per-optimizer summary of the finished runs in ``out`` (also writes summary.json/.csv)."""
+def summarize(out: Path, write: bool = True) -> dict:
+    """Per-optimizer summary of the finished runs in ``out`` (and, if ``write``, summary.json/.csv)."""
     out = Path(out)
     cfg = json.loads((out / "config.json").read_text())["config"]
     runs = _load_runs(out)
@@ -221,8 +230,9 @@ def summarize(out: Path) -> dict:
             else:
                 entry.setdefault("overtrain", {})[str(steps // base_steps)] = block
         summary["optimizers"][name] = entry
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "summary.csv", _csv(summary))
+    if write:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(out / "summary.csv", _csv(summary))
     return summary
 
 

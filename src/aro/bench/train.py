@@ -29,8 +29,9 @@ import torch
 
 from .config import BenchConfig
 from .data import Corpus
-from .models import build_model
+from .models import build_model, lm_loss
 from .optimizers import build_optimizers
+from .parallel import Parallel
 
 __all__ = ["RunSpec", "atomic_write_text", "lr_factor", "run_training"]
 
@@ -85,18 +86,33 @@ def evaluate(model: torch.nn.Module, batches: list, autocast) -> float:
         with autocast():
             total += model.loss(x, y).item()
     model.train()
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root module's parameters unsharded after a forward (its backward
+        # would follow); after a no-grad forward the next training step would then skip their
+        # gradient reduction for a step. Resharding restores the state a training step expects.
+        model.reshard()
     return total / len(batches)
 
 
-def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool = True) -> dict:
-    """Train (or resume, or just read back) one run; returns the content of ``result.json``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool = True,
+                 par: Parallel = Parallel()) -> dict:
+    """Train (or resume, or just read back) one run; returns the content of ``result.json``.
+
+    Under data parallelism (``par``) every rank calls this; only rank 0 writes files.
+    """
     result_path, metrics_path, ckpt_path = run_dir / "result.json", run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % par.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {par.world} ranks; use a multiple")
+    if par.mode == "fsdp2" and spec.optimizer == "muon":
+        raise ValueError("--optimizers muon: torch.optim.Muon cannot step FSDP2-sharded matrices; use --parallel ddp")
 
     model = build_model(cfg.model, spec.seed)
-    optimizers = build_optimizers(spec.optimizer, model, spec.lr, cfg.weight_decay)
+    train_model = par.wrap(model)
+    optimizers = build_optimizers(spec.optimizer, model, spec.lr, cfg.weight_decay, par.process_group)
     for opt in optimizers:
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -106,19 +122,18 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
 
     start, lines = 0, []
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        start = ckpt["step"]
+        start = par.load(ckpt_path, model, optimizers)
         lines = [line for line in _read_lines(metrics_path) if line["step"] <= start]
-        atomic_write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
+        par.barrier()  # every rank has read the log before rank 0 rewrites it
+        if par.is_main:
+            atomic_write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
     if not lines:
         lines = [{"step": 0, "val_loss": evaluate(model, val, autocast), "train_loss": None, "lr": 0.0,
                   "step_times": [], "opt_times": []}]
-        atomic_write_text(metrics_path, json.dumps(lines[0]) + "\n")
+        if par.is_main:
+            atomic_write_text(metrics_path, json.dumps(lines[0]) + "\n")
 
-    bar = _progress(spec, start, progress)
+    bar = _progress(spec, start, progress and par.is_main)
     train_losses: list[float] = []
     step_times: list[float] = []
     opt_times: list[float] = []
@@ -129,10 +144,10 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-        x, y = corpus.batch(spec.seed, step, cfg.batch_size, seq_len)
+        x, y = par.local_batch(*corpus.batch(spec.seed, step, cfg.batch_size, seq_len))
         t0 = time.perf_counter()
         with autocast():
-            loss = model.loss(x, y)
+            loss = lm_loss(train_model(x), y)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -145,7 +160,7 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         t3 = time.perf_counter()
         step_times.append(t3 - t0)
         opt_times.append(t2 - t1)
-        value = loss.item()
+        value = par.mean(loss)
         train_losses.append(value)
         if bar is not None:
             bar.update(1)
@@ -163,8 +178,9 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
                 "opt_times": opt_times,
             }
             lines.append(line)
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(line) + "\n")
+            if par.is_main:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(line) + "\n")
             train_losses, step_times, opt_times = [], [], []
             if bar is not None:
                 bar.set_postfix(val=f"{val_loss:.4f}")
@@ -172,14 +188,17 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
                 diverged = True
                 break
             if done < spec.steps:
-                _atomic_save({"step": done, "model": model.state_dict(),
-                              "optimizers": [o.state_dict() for o in optimizers]}, ckpt_path)
+                state = par.state(model, optimizers)  # collective under FSDP2
+                if par.is_main:
+                    _atomic_save({"step": done, **state}, ckpt_path)
     if bar is not None:
         bar.close()
     result = _result(spec, lines, diverged, optimizers)
-    atomic_write_text(result_path, json.dumps(result, indent=1))
-    if ckpt_path.exists():
-        ckpt_path.unlink()
+    if par.is_main:
+        atomic_write_text(result_path, json.dumps(result, indent=1))
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+    par.barrier()  # the run's files are complete before any rank moves on
     return result
 
 
