@@ -6,6 +6,7 @@
     aro report runs/bench-quick              # rebuild summary and figures from the logs
     aro stepbench --out benchmarks/results/stepbench-cpu.json   # optimizer-step cost, side by side
     aro distbench --worlds 1,2,3 --modes ddp,fsdp2               # per-rank step time and work split
+    aro diagnose --out docs/figures                              # the paper's rotation analyses
 """
 
 from __future__ import annotations
@@ -108,6 +109,31 @@ def _add_distbench(sub) -> None:
     db.set_defaults(func=_distbench)
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .diagnose import run_diagnose
+
+    r = run_diagnose(Path(args.out), model=args.model, steps=args.steps, lr=args.lr)
+    g, al = r["gain"], r["alignment"]
+    print(f"(b) mean J(ARO)/J(eigen) - 1 over steps: {100 * sum(g['mean_gain']) / max(1, len(g['mean_gain'])):+.2f}%, "
+          f"matrices where ARO is higher: {100 * sum(g['fraction_aro_higher']) / max(1, len(g['fraction_aro_higher'])):.0f}%")
+    for p in ("identity", "eigen", "aro", "polar"):
+        cells = "  ".join(f"s={s:g}: {m:.3f}+-{d:.3f}" for s, m, d in zip(al["sigmas"], al[p]["mean"], al[p]["std"]))
+        print(f"(c) {p:<8} cos(G, U) {cells}")
+    print(f"\nresults: {args.out}/diagnose.json and diagnose_*.png")
+    return 0
+
+
+def _add_diagnose(sub) -> None:
+    dg = sub.add_parser("diagnose", help="rotation analyses: update spectra, objective gain, noisy alignment")
+    dg.add_argument("--out", default="docs/figures", help="folder for diagnose.json and the PNGs")
+    dg.add_argument("--model", default="small", help="bench model preset of the training-run analysis")
+    dg.add_argument("--steps", type=int, default=200, help="training steps of that run")
+    dg.add_argument("--lr", type=float, default=1.6e-2, help="its lr (ARO-Sinkhorn's standard-sweep choice)")
+    dg.set_defaults(func=_diagnose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aro", description="Adaptively Rotated Optimization: benchmark and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     _add_stepbench(sub)
     _add_distbench(sub)
+    _add_diagnose(sub)
     return parser
 
 
