@@ -160,3 +160,21 @@ def test_bench_under_torchrun_matches_one_process_and_resumes_across_world_sizes
     assert main(["bench", "--preset", "smoke", "--out", str(crashed), "--no-progress", *extra]) == 0
     for name, curve in curves(crashed).items():
         assert curve == pytest.approx(ref[name], rel=1e-4), name
+
+
+def test_distbench_reports_the_work_split(tmp_path):
+    import json
+
+    from aro.bench.cli import main
+
+    out = tmp_path / "db.json"
+    assert main(["distbench", "--preset", "tiny", "--worlds", "1,2", "--warmup", "1", "--repeats", "2",
+                 "--out", str(out)]) == 0
+    runs = {(r["mode"], r["world"]): r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {("ddp", 1), ("ddp", 2), ("fsdp2", 1), ("fsdp2", 2)}
+    for (mode, world), r in runs.items():
+        assert len(r["step_ms_by_rank"]) == world and all(t > 0 for t in r["step_ms_by_rank"])
+        assert sum(r["rotation_flop_share_by_rank"]) == pytest.approx(1.0)
+        assert sum(r["qr_per_step_by_rank"]) == 18  # the tiny model's 3 blocks x 6 matrices, each once
+        if world == 2:
+            assert all(0.3 < s < 0.7 for s in r["rotation_flop_share_by_rank"])  # balanced by cost

@@ -1,0 +1,60 @@
+"""aro stepbench / distbench / diagnose: structure, exact quantities, and the FLOP model."""
+
+import json
+
+import pytest
+import torch
+
+from aro.bench.cli import main
+from aro.bench.stepbench import aro_flops, muon_flops, state_bytes
+
+
+def test_flop_model():
+    # ARO on 4x8 (rotates the 4 side): R^T M, cross-Gram, R f -> 3 * 2*16*8, QR 8/3 * 64
+    assert aro_flops(4, 8) == pytest.approx(3 * 2 * 16 * 8 + 8 / 3 * 64)
+    assert aro_flops(8, 4) == aro_flops(4, 8)  # the smaller side is rotated
+    assert aro_flops(4, 8, "identity") == 0.0
+    assert muon_flops(4, 8) == pytest.approx(5 * (4 * 16 * 8 + 2 * 64))
+
+
+def test_stepbench_writes_json_and_plot(tmp_path):
+    out = tmp_path / "sb.json"
+    code = main(["stepbench", "--optimizers", "adamw,muon,aro-sinkhorn", "--presets", "tiny", "--dims", "16",
+                 "--train-preset", "tiny", "--warmup", "1", "--repeats", "3", "--out", str(out)])
+    assert code == 0 and out.with_suffix(".png").exists()
+    r = json.loads(out.read_text())
+    preset = r["presets"][0]
+    assert preset["ratio_vs_adamw"]["adamw"] == 1.0 and preset["ratio_vs_muon"]["muon"] == 1.0
+    # AdamW keeps exp_avg and exp_avg_sq: exactly 2 bytes of state per parameter byte (+ step scalars)
+    assert preset["state_bytes_per_param_byte"]["adamw"] == pytest.approx(2.0, abs=0.01)
+    assert preset["state_bytes_per_param_byte"]["aro-sinkhorn"] < 2.0
+    mats = {(m["m"], m["n"]) for m in r["matrices"]}
+    assert mats == {(16, 16), (16, 64)}
+    for m in r["matrices"]:
+        assert set(m["roofline_fraction"]) == {"muon", "aro-sinkhorn"} and m["matmul_gflops"] > 0
+    assert set(r["train_step"]["step_ms"]) == {"adamw", "muon", "aro-sinkhorn"}
+
+
+def test_stepbench_rejects_unknown_names(tmp_path, capsys):
+    assert main(["stepbench", "--optimizers", "lion", "--out", str(tmp_path / "x.json")]) == 2
+    assert "lion" in capsys.readouterr().err
+
+
+def test_state_bytes_counts_tensors_only():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.randn(3, 4)
+    opt.step()
+    assert state_bytes([opt]) == 2 * 12 * 4 + 4  # exp_avg, exp_avg_sq, step (float32 scalar)
+
+
+def test_diagnose_pieces_on_small_cases():
+    from aro.bench.diagnose import alignment, update_spectra
+
+    spectra = update_spectra(shapes=((8, 8),), iters=20)["8x8"]
+    assert set(spectra) == {"ARO-Sinkhorn", "ARO-Sign", "Eigen-Sinkhorn", "Eigen-Sign"}
+    assert all(max(s) == pytest.approx(1.0) and len(s) == 8 for s in spectra.values())
+    al = alignment(sigmas=(0.0, 1.0), m=6, n=10, burn_in=5, steps=20)
+    for p in ("identity", "eigen", "aro", "polar"):
+        assert al[p]["std"][0] < 1e-3  # no noise: (nearly) the same update every step, once settled
+        assert al[p]["mean"][0] > al[p]["mean"][1]  # noise lowers the alignment
