@@ -435,3 +435,28 @@ def test_frozen_regression_default_config():
         opt.step()
     expected = torch.tensor(FROZEN_VALUES, dtype=torch.float64)
     torch.testing.assert_close(W.detach()[:2], expected, rtol=0, atol=1e-12)
+
+
+def test_cpu_buckets_are_split_under_the_byte_cap_with_the_same_result(monkeypatch):
+    import aro.engine as engine
+
+    def run():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(6, 10)) for _ in range(5)] + [torch.nn.Parameter(torch.randn(3, 6, 10))]
+        opt = aro.ARO(ps, lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    whole = run()
+    sizes = []
+    real = engine.bucketize
+    monkeypatch.setattr(engine, "CPU_BUCKET_BYTES", 2 * 6 * 10 * 4)  # two 6x10 float32 matrices per bucket
+    monkeypatch.setattr(engine, "bucketize", lambda units, src: [b for b in real(units, src) if sizes.append(len(b)) or True])
+    split = run()
+    assert sizes and max(sizes) == 2 and sum(sizes[:4]) == 8  # 5 matrices + 3 experts -> 2, 2, 2, 2
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

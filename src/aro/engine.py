@@ -162,14 +162,28 @@ class BucketResult:
     degenerate: Tensor
 
 
+# On CPU a bucket is split so that no stacked (U, m, n) tensor exceeds this many bytes: larger
+# temporaries are served by fresh mmap'd pages (glibc's mmap threshold is at most 32 MiB), and
+# faulting them in costs more than the arithmetic -- measured 3.4x slower Sinkhorn for 20 stacked
+# 384x1536 matrices than for 4 chunks of 5 (benchmarks/step_ablations.py). GPUs keep whole
+# buckets (their caching allocator reuses memory; fewer, larger kernels are better there).
+CPU_BUCKET_BYTES = 16 * 2**20
+
+
 def bucketize(units: list[Unit], src: Sources) -> list[list[Unit]]:
-    """Units with the same rotated size, member shapes, dtype and device, in first-seen order."""
+    """Units with the same rotated size, member shapes, dtype and device, in first-seen order
+    (split on CPU so that each stacked tensor stays under :data:`CPU_BUCKET_BYTES`)."""
     buckets: dict[tuple, list[Unit]] = defaultdict(list)
     for u in units:
         M = src.momentum[id(u.members[0].param)]
         key = (M.device, M.dtype, u.members[0].shape.m, tuple(m.shape.n for m in u.members))
         buckets[key].append(u)
-    return list(buckets.values())
+    out = []
+    for (device, dtype, m, ns), bucket in buckets.items():
+        per_unit = m * max(ns) * torch.empty((), dtype=dtype).element_size()
+        size = len(bucket) if device.type != "cpu" else max(1, CPU_BUCKET_BYTES // per_unit)
+        out.extend(bucket[i : i + size] for i in range(0, len(bucket), size))
+    return out
 
 
 def compute_bucket(group: dict[str, Any], bucket: list[Unit], src: Sources, f: Any) -> BucketResult:
