@@ -460,3 +460,32 @@ def test_cpu_buckets_are_split_under_the_byte_cap_with_the_same_result(monkeypat
     assert sizes and max(sizes) == 2 and sum(sizes[:4]) == 8  # 5 matrices + 3 experts -> 2, 2, 2, 2
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_rotation_every_k_keeps_the_rotation_between_refreshes():
+    from aro.functional.projections import sinkhorn
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 10, dtype=torch.float64))
+    opt = aro.ARO([p], lr=0.01, weight_decay=0.0, rotation_every=3, nesterov=False)
+    g = torch.Generator().manual_seed(1)
+    rotations, qr_counts = [], []
+    for _ in range(7):
+        before = p.detach().clone()
+        p.grad = torch.randn(6, 10, generator=g, dtype=torch.float64)
+        opt.step()
+        st = opt.state[p]
+        R, M = st["rotation"], st["momentum_buffer"]
+        U = R @ sinkhorn(R.T @ M)  # the update uses the current (possibly kept) rotation
+        U = 0.2 * U / U.square().mean().sqrt()
+        torch.testing.assert_close(before - p.detach(), 0.01 * U)
+        rotations.append(R.clone())
+        qr_counts.append(opt.stats()["qr_per_step"])
+    changed = [not torch.equal(a, b) for a, b in zip(rotations, rotations[1:])]
+    assert changed == [False, False, True, False, False, True]  # new rotations at steps 1, 4, 7
+    assert qr_counts == [1, 0, 0, 1, 0, 0, 1]
+
+
+def test_rotation_every_is_validated():
+    with pytest.raises(ValueError, match="rotation_every"):
+        aro.ARO([torch.nn.Parameter(torch.randn(3, 3))], rotation_every=0)

@@ -28,6 +28,7 @@ from .functional.rotation import shared_rotated_step
 from .layout import MatrixShape, matrix_shape, oriented, resolve_orientation, unoriented
 
 __all__ = ["BucketResult", "Member", "Sources", "Unit", "apply_bucket", "assemble_updates", "bucketize", "compute_bucket",
+           "refreshes",
            "expected_shapes", "local_sources", "plan_units", "run_units", "shared_owner"]
 
 
@@ -170,16 +171,24 @@ class BucketResult:
 CPU_BUCKET_BYTES = 16 * 2**20
 
 
-def bucketize(units: list[Unit], src: Sources) -> list[list[Unit]]:
-    """Units with the same rotated size, member shapes, dtype and device, in first-seen order
-    (split on CPU so that each stacked tensor stays under :data:`CPU_BUCKET_BYTES`)."""
+def refreshes(group: dict[str, Any], unit: Unit, src: Sources) -> bool:
+    """Whether ``unit`` computes a new rotation this step (``rotation_every``: steps 1, k+1, ...)."""
+    k = group.get("rotation_every", 1)
+    return k == 1 or (int(src.step[id(unit.members[0].param)]) - 1) % k == 0
+
+
+def bucketize(units: list[Unit], src: Sources, group: dict[str, Any] | None = None) -> list[list[Unit]]:
+    """Units with the same rotated size, member shapes, dtype, device (and, with ``group``,
+    rotation refresh), in first-seen order (split on CPU so that each stacked tensor stays
+    under :data:`CPU_BUCKET_BYTES`)."""
     buckets: dict[tuple, list[Unit]] = defaultdict(list)
     for u in units:
         M = src.momentum[id(u.members[0].param)]
-        key = (M.device, M.dtype, u.members[0].shape.m, tuple(m.shape.n for m in u.members))
+        fresh = refreshes(group, u, src) if group is not None else True
+        key = (M.device, M.dtype, u.members[0].shape.m, tuple(m.shape.n for m in u.members), fresh)
         buckets[key].append(u)
     out = []
-    for (device, dtype, m, ns), bucket in buckets.items():
+    for (device, dtype, m, ns, _), bucket in buckets.items():
         per_unit = m * max(ns) * torch.empty((), dtype=dtype).element_size()
         size = len(bucket) if device.type != "cpu" else max(1, CPU_BUCKET_BYTES // per_unit)
         out.extend(bucket[i : i + size] for i in range(0, len(bucket), size))
@@ -202,7 +211,7 @@ def compute_bucket(group: dict[str, Any], bucket: list[Unit], src: Sources, f: A
                                        device=Ms[0].device).view(-1, 1, 1)
     out = shared_rotated_step(
         Ms, R, policy=group["rotation"], f=f, f_states=Vs, bias_correction=bias_correction,
-        estimator=group["estimator"], qr=group["qr"],
+        estimator=group["estimator"], qr=group["qr"], refresh=refreshes(group, bucket[0], src),
     )
     rho = group["rms_target"]
     updates = []
@@ -272,9 +281,9 @@ def run_units(
     """Run every unit on one process; return ``{id(param): update}`` and the number of rotations."""
     pieces: dict[int, list[tuple[int | None, Tensor]]] = defaultdict(list)
     n_rotations = 0
-    for bucket in bucketize(units, src):
+    for bucket in bucketize(units, src, group):
         result = compute_bucket(group, bucket, src, f)
-        if result.rotation is not None:
+        if result.rotation is not None and refreshes(group, bucket[0], src):
             n_rotations += len(bucket)
             count("qr_fallbacks", result.fallbacks)
             count("degenerate_rotations", result.degenerate)

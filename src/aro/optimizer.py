@@ -86,6 +86,11 @@ class ARO(Optimizer):
             by :func:`aro.param_groups` with ``sharing="global"|"chain"``) is estimated:
             ``"sum"`` (default) of the members' cross-Grams, or ``"stack"``: f on the stacked
             momenta (see :mod:`aro.functional.rotation`). No effect without sharing.
+        rotation_every: compute a new rotation every ``k``-th step of a matrix (its steps
+            1, k+1, 2k+1, ...) and keep :math:`R_t = R_{t-1}` in between, which skips the
+            cross-Gram, its look-ahead f and the QR on those steps (default 1: every step, the
+            paper's algorithm; see the README's step-cost section for what larger k costs in
+            steps and saves in time).
         betas: AdamW path :math:`(\beta_1, \beta_2)` (default (0.9, 0.95), LLM practice);
             :math:`\beta_2` is also the Adam projection's.
         eps: AdamW path and Adam projection epsilon (default 1e-8).
@@ -132,6 +137,7 @@ class ARO(Optimizer):
         rms_target: float | None = 0.2,
         orientation: str = "auto",
         estimator: str = "sum",
+        rotation_every: int = 1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         maximize: bool = False,
@@ -161,6 +167,7 @@ class ARO(Optimizer):
             matrix_view="auto",
             shared=None,
             estimator=estimator,
+            rotation_every=rotation_every,
         )
         validate_hyperparameters(defaults)
         self._counters: dict[tuple[str, torch.device], Tensor] = {}

@@ -121,5 +121,8 @@ def validate_hyperparameters(g: dict[str, Any]) -> None:
     choice("algorithm", ALGORITHMS)
     choice("matrix_view", MATRIX_VIEWS)
     choice("estimator", ESTIMATORS)
+    k = g.get("rotation_every", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid rotation_every: {k!r}; expected an integer >= 1 (1 = a new rotation every step)")
     if g["estimator"] == "stack" and g["base"] == "adam" and g.get("shared"):
         raise ValueError("Invalid estimator: 'stack' needs a stateless base projection; use estimator='sum' with base='adam'")

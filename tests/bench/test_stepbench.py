@@ -14,6 +14,7 @@ def test_flop_model():
     assert aro_flops(4, 8) == pytest.approx(3 * 2 * 16 * 8 + 8 / 3 * 64)
     assert aro_flops(8, 4) == aro_flops(4, 8)  # the smaller side is rotated
     assert aro_flops(4, 8, "identity") == 0.0
+    assert aro_flops(4, 8, every=4) == pytest.approx(2 * 2 * 16 * 8 + (2 * 16 * 8 + 8 / 3 * 64) / 4)
     assert muon_flops(4, 8) == pytest.approx(5 * (4 * 16 * 8 + 2 * 64))
 
 
@@ -32,7 +33,7 @@ def test_stepbench_writes_json_and_plot(tmp_path):
     assert mats == {(16, 16), (16, 64)}
     for m in r["matrices"]:
         assert set(m["roofline_fraction"]) == {"muon", "aro-sinkhorn"} and m["matmul_gflops"] > 0
-    assert set(r["train_step"]["step_ms"]) == {"adamw", "muon", "aro-sinkhorn"}
+    assert set(r["train_step"]["step_ms"]) == {"adamw", "muon", "aro-sinkhorn"}  # every4 not asked for
 
 
 def test_stepbench_rejects_unknown_names(tmp_path, capsys):

@@ -40,22 +40,24 @@ from .train import atomic_write_text
 
 __all__ = ["DEFAULT_DIMS", "DEFAULT_OPTIMIZERS", "DEFAULT_PRESETS", "aro_flops", "muon_flops", "run_stepbench"]
 
-DEFAULT_OPTIMIZERS = ("adamw", "muon", "aro-sinkhorn", "aro-sinkhorn-scqr", "aro-sign", "aro-adam", "eigen-sinkhorn")
+DEFAULT_OPTIMIZERS = ("adamw", "muon", "aro-sinkhorn", "aro-sinkhorn-every4", "aro-sinkhorn-scqr", "aro-sign", "aro-adam",
+                      "eigen-sinkhorn")
 DEFAULT_PRESETS = ("tiny", "small", "medium", "large", "moe-small")
 DEFAULT_DIMS = (128, 256, 512, 1024, 2048)
-TRAIN_OPTIMIZERS = ("adamw", "muon", "aro-sinkhorn")
+TRAIN_OPTIMIZERS = ("adamw", "muon", "aro-sinkhorn", "aro-sinkhorn-every4")
 LR, WD = 1e-3, 0.1
 
 
-def aro_flops(m: int, n: int, rotation: str = "aro") -> float:
-    """Matrix-multiply FLOPs of one ARO step on an ``m x n`` matrix (module docstring)."""
+def aro_flops(m: int, n: int, rotation: str = "aro", every: int = 1) -> float:
+    """Matrix-multiply FLOPs of one ARO step on an ``m x n`` matrix (module docstring), with a
+    new rotation every ``every`` steps (the update's two products every step, the rest amortized)."""
     s, t = min(m, n), max(m, n)
     if rotation == "identity":
         return 0.0
-    qr = 8.0 / 3.0 * s**3
+    new_rotation = 2.0 * s * s * t + 8.0 / 3.0 * s**3
     if rotation.startswith("eigen"):
-        return 3 * 2.0 * s * s * t + 2.0 * s**3 + qr
-    return 3 * 2.0 * s * s * t + qr
+        new_rotation += 2.0 * s**3
+    return 2 * 2.0 * s * s * t + new_rotation / every
 
 
 def muon_flops(m: int, n: int, steps: int = 5) -> float:
@@ -64,7 +66,8 @@ def muon_flops(m: int, n: int, steps: int = 5) -> float:
 
 
 def _flops(name: str, shapes: list[tuple[int, ...]]) -> float:
-    rotation = OPTIMIZERS[name].aro_options.get("rotation", "aro") if name in OPTIMIZERS else "aro"
+    options = OPTIMIZERS[name].aro_options if name in OPTIMIZERS else {}
+    rotation, every = options.get("rotation", "aro"), options.get("rotation_every", 1)
     total = 0.0
     for shape in shapes:
         batch = 1
@@ -73,7 +76,7 @@ def _flops(name: str, shapes: list[tuple[int, ...]]) -> float:
         if name == "muon":
             total += batch * muon_flops(shape[-2], shape[-1])
         elif name != "adamw":
-            total += batch * aro_flops(shape[-2], shape[-1], rotation)
+            total += batch * aro_flops(shape[-2], shape[-1], rotation, every)
     return total
 
 

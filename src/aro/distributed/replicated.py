@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..engine import BucketResult, Sources, Unit, apply_bucket, assemble_updates, bucketize, compute_bucket
+from ..engine import (BucketResult, Sources, Unit, apply_bucket, assemble_updates, bucketize, compute_bucket,
+                      refreshes)
 from .ownership import assign, unit_cost
 
 __all__ = ["replicated_run_units"]
@@ -72,7 +73,7 @@ def replicated_run_units(
     cost of the work each rank did (for the distributed benchmark)."""
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
-    buckets = bucketize(units, src)
+    buckets = bucketize(units, src, group)
     costs = [unit_cost(u.members[0].shape.m, [m.shape.n for m in u.members]) for b in buckets for u in b]
     owners = assign(costs, world)
     loads = [0.0] * world
@@ -92,7 +93,7 @@ def replicated_run_units(
         send = torch.zeros(max(counts), width, dtype=M0.dtype, device=M0.device)
         if mine:
             result = compute_bucket(group, mine, src, f)
-            if result.rotation is not None:
+            if result.rotation is not None and refreshes(group, mine[0], src):
                 n_rotations += len(mine)
                 count("qr_fallbacks", result.fallbacks)
                 count("degenerate_rotations", result.degenerate)

@@ -196,6 +196,7 @@ def shared_rotated_step(
     qr: str = "householder",
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
+    refresh: bool = True,
 ) -> SharedStep:
     r"""One rotated steepest-descent step for units of members sharing a rotation.
 
@@ -212,6 +213,7 @@ def shared_rotated_step(
         estimator: ``"sum"`` or ``"stack"`` (see the module docstring; same for one member).
         project_tall: project the update of tall members (``n_j < d``) onto their span.
         qr, shift, cholqr2: orthonormalization backend (see :mod:`aro.functional.qr`).
+        refresh: False keeps :math:`R_t = R_{t-1}` (a step between rotation refreshes).
     """
     if policy not in ROTATION_POLICIES:
         raise ValueError(f"Invalid rotation policy: {policy!r}; expected one of {ROTATION_POLICIES}")
@@ -225,10 +227,13 @@ def shared_rotated_step(
         return SharedStep(updates, None, zero, zero)
     if R is None:
         raise ValueError(f"rotation policy {policy!r} needs the previous rotation R (got None)")
-    Q, fallbacks, degenerate = new_rotation(
-        Ms, R, policy=policy, f=f, f_states=states, bias_correction=bias_correction, estimator=estimator,
-        qr=qr, shift=shift, cholqr2=cholqr2,
-    )
+    if refresh:
+        Q, fallbacks, degenerate = new_rotation(
+            Ms, R, policy=policy, f=f, f_states=states, bias_correction=bias_correction, estimator=estimator,
+            qr=qr, shift=shift, cholqr2=cholqr2,
+        )
+    else:
+        Q, fallbacks, degenerate = R, zero, zero
     updates = []
     for M, s in zip(Ms, states):
         U = rotated_update(M, Q, f=f, f_state=s, bias_correction=bias_correction)
