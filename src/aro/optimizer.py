@@ -78,7 +78,8 @@ class ARO(Optimizer):
         sinkhorn_variant: ``"simultaneous"`` (default, as the paper writes it) or ``"alternating"``.
         nesterov: use the Nesterov momentum :math:`\tilde M_t` for rotation and update
             (default True: in our benchmark it lowers ARO-Sinkhorn's loss clearly, see the
-            README's ablations, and it is torch.optim.Muon's default; False is the paper's EMA).
+            README's "Ablations" table: 1.450 vs 1.481 final loss, 1.05x vs 0.95x Muon's steps --
+            and it is torch.optim.Muon's default; False is the paper's EMA).
         rms_target: update RMS :math:`\rho` (default 0.2); ``None`` leaves f's RMS 1.
         orientation: which side the rotation acts on: ``"auto"`` (default; the smaller side,
             so no rotation exceeds the matrix rank), ``"rows"`` or ``"cols"``.
