@@ -489,3 +489,26 @@ def test_rotation_every_k_keeps_the_rotation_between_refreshes():
 def test_rotation_every_is_validated():
     with pytest.raises(ValueError, match="rotation_every"):
         aro.ARO([torch.nn.Parameter(torch.randn(3, 3))], rotation_every=0)
+
+
+def test_bfloat16_products_stay_close_to_float32_and_keep_rotations_orthogonal():
+    def run(**kw):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(16, 48))
+        opt = aro.ARO([p], lr=0.01, **kw)
+        g = torch.Generator().manual_seed(1)
+        ups = []
+        for _ in range(3):
+            before = p.detach().clone()
+            p.grad = torch.randn(16, 48, generator=g)
+            opt.step()
+            ups.append(before - p.detach())
+        return ups, opt.state[p]["rotation"]
+
+    ref, _ = run()
+    low, R = run(matmul_dtype=torch.bfloat16)
+    for a, b in zip(ref, low):
+        assert ((a - b).norm() / a.norm()).item() < 0.05  # bf16 rounding of the products, not a different step
+    torch.testing.assert_close(R.T @ R, torch.eye(16), atol=1e-5, rtol=0)  # the QR still runs in float32
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        aro.ARO([torch.nn.Parameter(torch.randn(3, 3))], matmul_dtype=torch.int8)

@@ -212,6 +212,7 @@ def compute_bucket(group: dict[str, Any], bucket: list[Unit], src: Sources, f: A
     out = shared_rotated_step(
         Ms, R, policy=group["rotation"], f=f, f_states=Vs, bias_correction=bias_correction,
         estimator=group["estimator"], qr=group["qr"], refresh=refreshes(group, bucket[0], src),
+        matmul_dtype=group.get("matmul_dtype"),
     )
     rho = group["rms_target"]
     updates = []

@@ -92,6 +92,10 @@ class ARO(Optimizer):
             cross-Gram, its look-ahead f and the QR on those steps (default 1: every step, the
             paper's algorithm; see the README's step-cost section for what larger k costs in
             steps and saves in time).
+        matmul_dtype: ``None`` (default: products in the state's dtype, float32) or
+            ``torch.bfloat16``: the products with :math:`R` (:math:`R^\top M`, the cross-Gram,
+            :math:`R f(\cdot)`) run in bfloat16, as Muon's Newton-Schulz does; f, the QR and
+            the state stay float32 (see the README's step-cost section).
         betas: AdamW path :math:`(\beta_1, \beta_2)` (default (0.9, 0.95), LLM practice);
             :math:`\beta_2` is also the Adam projection's.
         eps: AdamW path and Adam projection epsilon (default 1e-8).
@@ -139,6 +143,7 @@ class ARO(Optimizer):
         orientation: str = "auto",
         estimator: str = "sum",
         rotation_every: int = 1,
+        matmul_dtype: torch.dtype | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         maximize: bool = False,
@@ -169,6 +174,7 @@ class ARO(Optimizer):
             shared=None,
             estimator=estimator,
             rotation_every=rotation_every,
+            matmul_dtype=matmul_dtype,
         )
         validate_hyperparameters(defaults)
         self._counters: dict[tuple[str, torch.device], Tensor] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .functional.projections import SINKHORN_VARIANTS, STATELESS_PROJECTIONS
@@ -121,6 +122,9 @@ def validate_hyperparameters(g: dict[str, Any]) -> None:
     choice("algorithm", ALGORITHMS)
     choice("matrix_view", MATRIX_VIEWS)
     choice("estimator", ESTIMATORS)
+    md = g.get("matmul_dtype")
+    if md is not None and md not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"Invalid matmul_dtype: {md!r}; expected None, torch.bfloat16, torch.float16 or torch.float32")
     k = g.get("rotation_every", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Invalid rotation_every: {k!r}; expected an integer >= 1 (1 = a new rotation every step)")

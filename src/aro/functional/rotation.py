@@ -91,6 +91,14 @@ def _as_list(x, n: int) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x] * n
 
 
+def mm(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``a @ b``, multiplied in ``dtype`` when given (inputs rounded to it, the product back
+    in ``a``'s dtype): the products of ARO can run in bfloat16, as Muon's Newton-Schulz does."""
+    if dtype is None or dtype == a.dtype:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
 def cross_gram(
     Ms: Sequence[Tensor] | Tensor,
     R: Tensor,
@@ -100,6 +108,7 @@ def cross_gram(
     f_states: Sequence[Tensor | None] | Tensor | None = None,
     bias_correction: Tensor | None = None,
     estimator: str = "sum",
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""The matrix whose Q factor is the new rotation.
 
@@ -111,14 +120,15 @@ def cross_gram(
     Ms = [Ms] if isinstance(Ms, Tensor) else list(Ms)
     scaled = _common_scale(Ms)
     if policy == "eigen":
-        return sum(Mj @ (R.mT @ Mj).mT for Mj in scaled)
+        return sum(mm(Mj, mm(R.mT, Mj, matmul_dtype).mT, matmul_dtype) for Mj in scaled)
     states = _as_list(f_states, len(Ms))
     if estimator == "stack" and len(Ms) > 1:
         if any(s is not None for s in states):
             raise ValueError("the 'stack' estimator needs a stateless base projection (not 'adam')")
         M_stack = torch.cat(scaled, dim=-1)
-        return M_stack @ lookahead(f, R.mT @ M_stack, None, None).mT
-    return sum(Ms_j @ lookahead(f, R.mT @ M, s, bias_correction).mT for Ms_j, M, s in zip(scaled, Ms, states))
+        return mm(M_stack, lookahead(f, mm(R.mT, M_stack, matmul_dtype), None, None).mT, matmul_dtype)
+    return sum(mm(Ms_j, lookahead(f, mm(R.mT, M, matmul_dtype), s, bias_correction).mT, matmul_dtype)
+               for Ms_j, M, s in zip(scaled, Ms, states))
 
 
 def eigen_rotation(Ms: Sequence[Tensor] | Tensor, previous: Tensor) -> Orthonormalized:
@@ -154,11 +164,13 @@ def new_rotation(
     qr: str = "householder",
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Orthonormalized:
     """:math:`R_t` from the members' momenta and :math:`R_{t-1}` under ``policy`` (not ``"identity"``)."""
     if policy == "eigen_exact":
         return eigen_rotation(Ms, R)
-    A = cross_gram(Ms, R, policy=policy, f=f, f_states=f_states, bias_correction=bias_correction, estimator=estimator)
+    A = cross_gram(Ms, R, policy=policy, f=f, f_states=f_states, bias_correction=bias_correction, estimator=estimator,
+                   matmul_dtype=matmul_dtype)
     method = "polar" if policy == "polar" else qr
     return orthonormalize(A, R, method=method, shift=shift, cholqr2=cholqr2)
 
@@ -170,11 +182,12 @@ def rotated_update(
     f: Projection,
     f_state: Tensor | None = None,
     bias_correction: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r""":math:`U = R\,f(R^\top M)` (or :math:`f(M)` when ``R`` is None); Adam state updated."""
     if R is None:
         return project_(f, M, f_state, bias_correction)
-    return R @ project_(f, R.mT @ M, f_state, bias_correction)
+    return mm(R, project_(f, mm(R.mT, M, matmul_dtype), f_state, bias_correction), matmul_dtype)
 
 
 def project_onto_span(U: Tensor, M: Tensor) -> Tensor:
@@ -197,6 +210,7 @@ def shared_rotated_step(
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
     refresh: bool = True,
+    matmul_dtype: torch.dtype | None = None,
 ) -> SharedStep:
     r"""One rotated steepest-descent step for units of members sharing a rotation.
 
@@ -214,6 +228,7 @@ def shared_rotated_step(
         project_tall: project the update of tall members (``n_j < d``) onto their span.
         qr, shift, cholqr2: orthonormalization backend (see :mod:`aro.functional.qr`).
         refresh: False keeps :math:`R_t = R_{t-1}` (a step between rotation refreshes).
+        matmul_dtype: dtype of the products with :math:`R` (None: the input's; see :func:`mm`).
     """
     if policy not in ROTATION_POLICIES:
         raise ValueError(f"Invalid rotation policy: {policy!r}; expected one of {ROTATION_POLICIES}")
@@ -230,13 +245,13 @@ def shared_rotated_step(
     if refresh:
         Q, fallbacks, degenerate = new_rotation(
             Ms, R, policy=policy, f=f, f_states=states, bias_correction=bias_correction, estimator=estimator,
-            qr=qr, shift=shift, cholqr2=cholqr2,
+            qr=qr, shift=shift, cholqr2=cholqr2, matmul_dtype=matmul_dtype,
         )
     else:
         Q, fallbacks, degenerate = R, zero, zero
     updates = []
     for M, s in zip(Ms, states):
-        U = rotated_update(M, Q, f=f, f_state=s, bias_correction=bias_correction)
+        U = rotated_update(M, Q, f=f, f_state=s, bias_correction=bias_correction, matmul_dtype=matmul_dtype)
         if project_tall and M.shape[-1] < M.shape[-2]:
             U = project_onto_span(U, M)
         updates.append(U)
