@@ -117,18 +117,24 @@ def _exact_sharded_grads(model, x, y) -> None:
         p.grad = shard_like(q.grad, p.grad)
 
 
-def fsdp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing: str, base: str, resume: str | None):
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def _fully_sharded(model, world: int):
+    """``fully_shard`` on every block and the root, over a 1-D CPU mesh of ``world`` ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for module in list(model.blocks) + [model]:
+        fully_shard(module, mesh=mesh)
+    return model
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing: str, base: str, resume: str | None):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
 
     _init(rank, world, port)
     try:
-        model = build()
-        mesh = init_device_mesh("cpu", (world,))
-        for module in list(model.blocks) + [model]:
-            fully_shard(module, mesh=mesh)
+        model = _fully_sharded(build(), world)
         opt = make_optimizer(model, sharing, base=base)
         start = 0
         if resume:
@@ -166,15 +172,9 @@ def fsdp_nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
     """R08: a NaN in one rank's shard makes every rank skip that parameter (all-reduced decision)."""
     import warnings
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     _init(rank, world, port)
     try:
-        model = build()
-        mesh = init_device_mesh("cpu", (world,))
-        for module in list(model.blocks) + [model]:
-            fully_shard(module, mesh=mesh)
+        model = _fully_sharded(build(), world)
         opt = make_optimizer(model, "none")
         names = [n for n, _ in model.named_parameters()]
         target = next(n for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n)

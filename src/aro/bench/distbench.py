@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 
 from .models import build_model
 from .optimizers import ADAMW_BETAS, ADAMW_EPS
+from .parallel import Parallel
 from .protocol import environment_info
 from .train import atomic_write_text
 
@@ -53,17 +54,11 @@ def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: s
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = build_model(preset, seed=0)
+        par = Parallel(mode, rank, world)
         if mode == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (world,))
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            pg = None  # DTensor parameters: the optimizer takes the mesh's group itself
-        else:
-            pg = dist.group.WORLD if world > 1 else None
+            par.wrap(model)  # sharded in place; the optimizer detects the DTensor parameters
+        # only the optimizer step is timed, so DDP needs no wrapper: just the group that splits the work
+        pg = par.process_group if world > 1 else None
         groups = aro.param_groups(model, sharing=sharing)
         opt = aro.ARO(groups, lr=1e-3, weight_decay=0.1, betas=ADAMW_BETAS, eps=ADAMW_EPS, process_group=pg)
         g = torch.Generator().manual_seed(1)
