@@ -138,3 +138,47 @@ def test_newton_schulz_is_close_to_polar_and_equivariant():
     Q = householder_qr(torch.randn(16, 16, dtype=torch.float64))
     torch.testing.assert_close(newton_schulz(Q @ X), Q @ Y, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(newton_schulz(X.mT), Y.mT, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["simultaneous", "alternating"])
+@pytest.mark.parametrize("shape", [(6, 6), (5, 11), (2, 11, 5)])
+def test_sinkhorn_scalings_give_sinkhorn_and_their_rms_from_the_vectors(variant, shape):
+    from aro.functional.projections import apply_scalings, sinkhorn_scalings
+
+    X = torch.randn(shape, dtype=torch.float64) * 3.0
+    a, b = sinkhorn_scalings(X, num_iters=5, variant=variant)
+    assert a.shape == X.shape[:-1] and b.shape == X.shape[:-2] + X.shape[-1:]
+    Y = apply_scalings(X, (a, b))
+    torch.testing.assert_close(Y, sinkhorn(X, num_iters=5, variant=variant), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rms(Y), torch.ones_like(rms(Y)), rtol=1e-12, atol=0)  # RMS folded into a
+    a0, b0 = sinkhorn_scalings(torch.zeros(4, 5))
+    assert torch.equal(a0, torch.zeros(4)) and torch.isfinite(b0).all()
+
+
+def test_row_norm_scalings_scale_rows_only():
+    from aro.functional.projections import apply_scalings, row_norm_scalings
+
+    X = torch.randn(3, 7, 9, dtype=torch.float64)
+    a, b = row_norm_scalings(X)
+    assert torch.equal(b, torch.ones(3, 9, dtype=torch.float64))
+    torch.testing.assert_close(apply_scalings(X, (a, b)), row_norm(X), rtol=1e-12, atol=1e-12)
+
+
+def test_amax_abs_matches_abs_amax_and_propagates_nan():
+    from aro.functional.projections import amax_abs
+
+    X = torch.randn(4, 5, 6)
+    torch.testing.assert_close(amax_abs(X), X.abs().amax(dim=(-2, -1), keepdim=True), rtol=0, atol=0)
+    X[2, 1, 3] = float("nan")
+    assert torch.isnan(amax_abs(X)[2]).all() and torch.isfinite(amax_abs(X)[[0, 1, 3]]).all()
+
+
+def test_make_projection_returns_diagonal_scalings_for_sinkhorn_and_row_norm():
+    from aro.functional.projections import DiagonalScaling
+
+    X = torch.randn(2, 6, 10, dtype=torch.float64)
+    for name, plain in (("sinkhorn", sinkhorn), ("row_norm", row_norm)):
+        f = make_projection(name)
+        assert isinstance(f, DiagonalScaling)
+        torch.testing.assert_close(f(X), plain(X), rtol=1e-12, atol=1e-12)
+    assert not isinstance(make_projection("sign"), DiagonalScaling)

@@ -170,3 +170,60 @@ def test_null_directions_of_a_rank_deficient_momentum_stay_zero(f):
     ref = rotated_step(M, torch.eye(2), policy="aro", f=f)
     # (float32 differs by the 100u warm-start perturbation of the rotation, ~6e-6 relative)
     torch.testing.assert_close(ref.update.double(), out64.update, atol=1e-4, rtol=0)
+
+
+# --- diagonal-scaling fast path: f(X) = D_a X D_b folded into the products --------------------
+
+DIAGONAL = {
+    "sinkhorn": ("sinkhorn", {}, sinkhorn),
+    "sinkhorn_alt": ("sinkhorn", {"sinkhorn_variant": "alternating"}, partial(sinkhorn, variant="alternating")),
+    "sinkhorn_k2": ("sinkhorn", {"sinkhorn_iters": 2}, partial(sinkhorn, num_iters=2)),
+    "row_norm": ("row_norm", {}, row_norm),
+}
+
+
+@pytest.mark.parametrize("name", list(DIAGONAL))
+@pytest.mark.parametrize("policy", ["aro", "eigen", "polar"])
+@pytest.mark.parametrize("members,estimator", [([(3, 6, 6)], "sum"), ([(2, 5, 11)], "sum"), ([(6, 9)], "sum"),
+                                               ([(2, 6, 9), (2, 6, 14)], "sum"), ([(2, 6, 9), (2, 6, 14)], "stack"),
+                                               ([(1, 8, 20), (1, 8, 3)], "sum")])
+def test_diagonal_scaling_path_equals_materialized_f(name, policy, members, estimator):
+    """The folded products (M D_b) Z^T D_a and (R D_a) Z D_b give what f(Z) written out gives."""
+    from aro.functional.projections import DiagonalScaling, make_projection
+    from aro.functional.rotation import shared_rotated_step
+
+    base, options, plain = DIAGONAL[name]
+    fast = make_projection(base, **options)
+    assert isinstance(fast, DiagonalScaling) and not isinstance(plain, DiagonalScaling)
+    g = torch.Generator().manual_seed(7)
+    Ms = [torch.randn(shape, generator=g, dtype=torch.float64) * 10.0 ** (3 * j) for j, shape in enumerate(members)]
+    d = members[0][-2]
+    R = householder_qr(torch.randn(members[0][:-2] + (d, d), generator=g, dtype=torch.float64))
+    for _ in range(3):  # a few steps, so R moves away from its start
+        a = shared_rotated_step(Ms, R, policy=policy, f=fast, estimator=estimator)
+        b = shared_rotated_step(Ms, R, policy=policy, f=plain, estimator=estimator)
+        torch.testing.assert_close(a.rotation, b.rotation, rtol=1e-10, atol=1e-10)
+        for Ua, Ub in zip(a.updates, b.updates):
+            torch.testing.assert_close(Ua, Ub, rtol=1e-10, atol=1e-10)
+        R = a.rotation
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-30, 1e-8, 1e30])
+def test_diagonal_scaling_path_is_scale_invariant_without_overflow(scale):
+    """a absorbs 1/max|Z|: the momenta are divided by their largest entry first, so float32
+    momenta from subnormal to 1e30 give the same (finite) step."""
+    from aro.functional.projections import make_projection
+    from aro.functional.rotation import shared_rotated_step
+
+    f = make_projection("sinkhorn")
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(2, 8, 24, generator=g)
+    R = householder_qr(torch.randn(2, 8, 8, generator=g))
+    ref = shared_rotated_step([M], R, f=f)
+    out = shared_rotated_step([M * scale], R, f=f)
+    assert torch.isfinite(out.updates[0]).all() and torch.isfinite(out.rotation).all()
+    tol = 5e-3 if scale < 1e-38 else 1e-5  # subnormal inputs carry fewer significant bits
+    torch.testing.assert_close(out.updates[0], ref.updates[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(out.rotation, ref.rotation, rtol=tol, atol=tol)
+    U = rotated_update(M * scale, R, f=f)  # the public function scales by itself
+    torch.testing.assert_close(U, rotated_update(M, R, f=f), rtol=tol, atol=tol)

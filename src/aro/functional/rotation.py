@@ -41,7 +41,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .projections import Projection, lookahead, project_, unit_scale
+from .projections import DiagonalScaling, Projection, amax_abs, lookahead, project_, unit_scale
 from .qr import DEFAULT_SHIFT, Orthonormalized, householder_qr, orthonormalize
 
 __all__ = [
@@ -82,8 +82,10 @@ class SharedStep(NamedTuple):
 
 def _common_scale(Ms: Sequence[Tensor]) -> list[Tensor]:
     """Divide all members of a unit by the same factor (the largest entry among them)."""
-    amax = torch.stack([M.abs().amax(dim=(-2, -1)) for M in Ms]).amax(dim=0)[..., None, None]
-    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    amax = amax_abs(Ms[0])
+    for M in Ms[1:]:
+        amax = torch.maximum(amax, amax_abs(M))
+    scale = torch.where(amax > 0, amax, 1.0)
     return [M / scale for M in Ms]
 
 
@@ -109,26 +111,37 @@ def cross_gram(
     bias_correction: Tensor | None = None,
     estimator: str = "sum",
     matmul_dtype: torch.dtype | None = None,
+    scaled: Sequence[Tensor] | None = None,
 ) -> Tensor:
     r"""The matrix whose Q factor is the new rotation.
 
     ``"aro"``/``"polar"``: :math:`A = \sum_j M_j\,f(R_{t-1}^\top M_j)^\top` (``"sum"``) or f on
     the stacked members (``"stack"``), f in look-ahead mode (state untouched); ``"eigen"``:
     :math:`A = \sum_j M_j M_j^\top R_{t-1}`. Members enter divided by a common factor, the
-    largest entry among them (QR is scale invariant), so no product overflows.
+    largest entry among them (QR is scale invariant), so no product overflows; ``scaled`` are
+    the members so divided, when the caller has them already.
     """
     Ms = [Ms] if isinstance(Ms, Tensor) else list(Ms)
-    scaled = _common_scale(Ms)
+    scaled = _common_scale(Ms) if scaled is None else list(scaled)
     if policy == "eigen":
         return sum(mm(Mj, mm(R.mT, Mj, matmul_dtype).mT, matmul_dtype) for Mj in scaled)
     states = _as_list(f_states, len(Ms))
     if estimator == "stack" and len(Ms) > 1:
         if any(s is not None for s in states):
             raise ValueError("the 'stack' estimator needs a stateless base projection (not 'adam')")
-        M_stack = torch.cat(scaled, dim=-1)
-        return mm(M_stack, lookahead(f, mm(R.mT, M_stack, matmul_dtype), None, None).mT, matmul_dtype)
-    return sum(mm(Ms_j, lookahead(f, mm(R.mT, M, matmul_dtype), s, bias_correction).mT, matmul_dtype)
-               for Ms_j, M, s in zip(scaled, Ms, states))
+        Ms = scaled = [torch.cat(scaled, dim=-1)]
+        states = [None]
+    A = None
+    for M, Mj, s in zip(Ms, scaled, states):
+        if isinstance(f, DiagonalScaling):
+            # M f(Z)^T = M (D_a Z D_b)^T = M (Z D_b)^T D_a: the scalings enter the products
+            Z = mm(R.mT, Mj, matmul_dtype)
+            a, b = f.scalings(Z)
+            Aj = mm(Mj, Z.mul_(b.unsqueeze(-2)).mT, matmul_dtype).mul_(a.unsqueeze(-2))
+        else:  # f (the Adam projection's state) sees the unscaled rotated momentum
+            Aj = mm(Mj, lookahead(f, mm(R.mT, M, matmul_dtype), s, bias_correction).mT, matmul_dtype)
+        A = Aj if A is None else A.add_(Aj)
+    return A
 
 
 def eigen_rotation(Ms: Sequence[Tensor] | Tensor, previous: Tensor) -> Orthonormalized:
@@ -165,12 +178,14 @@ def new_rotation(
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
     matmul_dtype: torch.dtype | None = None,
+    scaled: Sequence[Tensor] | None = None,
 ) -> Orthonormalized:
-    """:math:`R_t` from the members' momenta and :math:`R_{t-1}` under ``policy`` (not ``"identity"``)."""
+    """:math:`R_t` from the members' momenta and :math:`R_{t-1}` under ``policy`` (not ``"identity"``);
+    ``scaled`` as in :func:`cross_gram`."""
     if policy == "eigen_exact":
         return eigen_rotation(Ms, R)
     A = cross_gram(Ms, R, policy=policy, f=f, f_states=f_states, bias_correction=bias_correction, estimator=estimator,
-                   matmul_dtype=matmul_dtype)
+                   matmul_dtype=matmul_dtype, scaled=scaled)
     method = "polar" if policy == "polar" else qr
     return orthonormalize(A, R, method=method, shift=shift, cholqr2=cholqr2)
 
@@ -183,10 +198,21 @@ def rotated_update(
     f_state: Tensor | None = None,
     bias_correction: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
+    prescaled: bool = False,
 ) -> Tensor:
-    r""":math:`U = R\,f(R^\top M)` (or :math:`f(M)` when ``R`` is None); Adam state updated."""
+    r""":math:`U = R\,f(R^\top M)` (or :math:`f(M)` when ``R`` is None); Adam state updated.
+
+    For a diagonal-scaling f the product is formed as :math:`(R D_a)\,Z\,D_b` with
+    :math:`Z = R^\top M`, so :math:`f(Z)` is never written out; ``M`` is divided by its largest
+    entry first (f is scale invariant; ``a`` would overflow for a tiny ``M``) unless
+    ``prescaled`` says the caller did so.
+    """
     if R is None:
         return project_(f, M, f_state, bias_correction)
+    if isinstance(f, DiagonalScaling):
+        Z = mm(R.mT, M if prescaled else _common_scale([M])[0], matmul_dtype)
+        a, b = f.scalings(Z)
+        return mm(R * a.unsqueeze(-2), Z, matmul_dtype).mul_(b.unsqueeze(-2))
     return mm(R, project_(f, mm(R.mT, M, matmul_dtype), f_state, bias_correction), matmul_dtype)
 
 
@@ -242,16 +268,22 @@ def shared_rotated_step(
         return SharedStep(updates, None, zero, zero)
     if R is None:
         raise ValueError(f"rotation policy {policy!r} needs the previous rotation R (got None)")
+    # a diagonal-scaling f folds 1/max|Z| into its row scaling, which must not overflow for tiny
+    # momenta: it sees the members divided by their largest entry (f is scale invariant), and
+    # the cross-Gram reuses that division; the Adam projection's state needs the raw momenta
+    scaled = _common_scale(Ms) if isinstance(f, DiagonalScaling) else None
     if refresh:
         Q, fallbacks, degenerate = new_rotation(
             Ms, R, policy=policy, f=f, f_states=states, bias_correction=bias_correction, estimator=estimator,
-            qr=qr, shift=shift, cholqr2=cholqr2, matmul_dtype=matmul_dtype,
+            qr=qr, shift=shift, cholqr2=cholqr2, matmul_dtype=matmul_dtype, scaled=scaled,
         )
     else:
         Q, fallbacks, degenerate = R, zero, zero
     updates = []
-    for M, s in zip(Ms, states):
-        U = rotated_update(M, Q, f=f, f_state=s, bias_correction=bias_correction, matmul_dtype=matmul_dtype)
+    for j, (M, s) in enumerate(zip(Ms, states)):
+        M_f = M if scaled is None else scaled[j]
+        U = rotated_update(M_f, Q, f=f, f_state=s, bias_correction=bias_correction, matmul_dtype=matmul_dtype,
+                           prescaled=scaled is not None)
         if project_tall and M.shape[-1] < M.shape[-2]:
             U = project_onto_span(U, M)
         updates.append(U)
