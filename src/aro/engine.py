@@ -218,9 +218,9 @@ def compute_bucket(group: dict[str, Any], bucket: list[Unit], src: Sources, f: A
     updates = []
     for U in out.updates:
         if rho is not None:
-            # U = rho * U / RMS(U), per matrix (zero updates stay zero)
-            rms = U.square().mean(dim=(-2, -1), keepdim=True).sqrt()
-            U = U * torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0)
+            # U = rho * U / RMS(U), per matrix (zero updates stay zero); U is ours to scale in place
+            rms = torch.linalg.vector_norm(U, dim=(-2, -1), keepdim=True) / (U.shape[-2] * U.shape[-1]) ** 0.5
+            U = U.mul_(torch.where(rms > 0, rho / torch.where(rms > 0, rms, 1.0), 0.0))
         updates.append(U)
     return BucketResult(out.rotation, updates, Vs, out.fallbacks, out.degenerate)
 
@@ -260,10 +260,10 @@ def assemble_updates(units: list[Unit], pieces: dict[int, list[tuple[int | None,
 
 def local_sources(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], state: dict) -> Sources:
     """Sources backed by the optimizer state (momentum already updated for this step)."""
-    momentum = {}
-    for p, g in zip(params, grads):
-        M = state[p][K.MOMENTUM]
-        momentum[id(p)] = torch.lerp(g, M, group["beta"]) if group["nesterov"] else M  # beta*M + (1-beta)*G
+    bufs = [state[p][K.MOMENTUM] for p in params]
+    if group["nesterov"]:
+        bufs = torch._foreach_lerp(grads, bufs, group["beta"])  # beta*M + (1-beta)*G
+    momentum = {id(p): M for p, M in zip(params, bufs)}
     rotation, moments = {}, {}
     for p in group["params"]:
         st = state.get(p)

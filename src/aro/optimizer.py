@@ -237,12 +237,8 @@ class ARO(Optimizer):
         """Drop (or raise for) parameters whose gradient holds NaN or Inf; one host sync."""
         if not params:
             return params
-        # min and max of each gradient: NaN propagates, +-Inf shows, and unlike a norm they
-        # cannot overflow for large finite gradients (1e30 is a legal float32 gradient)
         grads = [_local(p.grad) for p in params]
-        ext = [torch.stack(torch.aminmax(g)).float() if g.numel() else torch.zeros(2) for g in grads]
-        device = ext[0].device
-        finite = torch.isfinite(torch.stack([e.to(device) for e in ext])).all(dim=1)
+        finite = _finite_tensors(grads)
         if self._process_group is not None:  # every rank must take the same decision
             bad_flags = (~finite).to(torch.int32)
             torch.distributed.all_reduce(bad_flags, group=self._process_group)
@@ -425,6 +421,27 @@ def _apply_update_(params: list[Tensor], updates: list[Tensor], *, lr: float, we
     for p, u in zip(params, updates):
         if p.dtype != u.dtype:
             p.copy_(p.to(u.dtype).mul_(1.0 - lr * weight_decay).add_(u, alpha=-lr))
+
+
+def _finite_tensors(tensors: list[Tensor]) -> Tensor:
+    """Bool vector: which tensors hold no NaN/Inf (on the first tensor's device).
+
+    One multi-tensor 2-norm pass: NaN and Inf make the norm non-finite. A norm can also
+    overflow for a large but finite tensor (1e30 is a legal float32 gradient), so those few are
+    checked again exactly, by their min and max.
+    """
+    device = tensors[0].device
+    idx = [i for i, t in enumerate(tensors) if t.numel()]
+    finite = torch.ones(len(tensors), dtype=torch.bool, device=device)
+    if idx:
+        norms = torch._foreach_norm([tensors[i] for i in idx])
+        if any(n.device != device or n.dtype != norms[0].dtype for n in norms):
+            norms = [n.float().to(device) for n in norms]
+        finite[idx] = torch.isfinite(torch.stack(norms))
+    if not bool(finite.all()):
+        for i in (~finite).nonzero().flatten().tolist():
+            finite[i] = bool(torch.isfinite(torch.stack(torch.aminmax(tensors[i]))).all())
+    return finite
 
 
 def _is_dtensor(t: Any) -> bool:

@@ -9,6 +9,11 @@ norm gains and biases are trained by AdamW with the same lr, betas (0.9, 0.95) a
 matrices. ``torch.optim.Muon`` accepts only 2-D parameters, so 3-D expert tensors (MoE model)
 get the same update through :class:`aro.ARO` with the rotation-equivariant Newton-Schulz base,
 identity rotation and Nesterov momentum, which is Muon with exact RMS matching.
+
+``muon-fp32`` is that same Muon update on every hidden matrix, batched by shape, with its
+Newton-Schulz products in float32. ``torch.optim.Muon`` runs them in bfloat16, which is fast on
+GPUs and on CPUs with bfloat16 instructions, but is emulated (about 30x slower than float32) on
+CPUs without them; ``muon-fp32`` is then the fair (and stronger) Muon to time against.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     for s in [
         OptimizerSpec("adamw", "torch.optim.AdamW on every parameter", _adamw),
         OptimizerSpec("muon", "torch.optim.Muon (match_rms_adamw) on hidden matrices, AdamW elsewhere", _muon),
+        _spec("muon-fp32", "Muon's update in float32: Nesterov momentum, quintic Newton-Schulz, RMS 0.2, batched "
+              "(aro.ARO with base='newton_schulz', rotation='identity')", rotation="identity", base="newton_schulz"),
         _spec("sinkgd", "momentum SinkGD: identity rotation, Sinkhorn f", rotation="identity", base="sinkhorn"),
         _spec("eigen-sinkhorn", "eigen-rotation (power iteration on M M^T), Sinkhorn f", rotation="eigen", base="sinkhorn"),
         _spec("eigen-adam", "eigen-rotation, Adam f: one-sided SOAP-like", rotation="eigen", base="adam"),

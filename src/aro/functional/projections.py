@@ -213,29 +213,31 @@ def sinkhorn_scalings(
     """
     if variant not in SINKHORN_VARIANTS:
         raise ValueError(f"Invalid sinkhorn variant: {variant!r}; expected one of {SINKHORN_VARIANTS}")
-    m, n = X.shape[-2], X.shape[-1]
+    lead, (m, n) = X.shape[:-2], X.shape[-2:]
+    X = X.reshape(-1, m, n)  # one batch dimension, so that the products below are plain bmm
     tiny = torch.finfo(X.dtype).tiny
     # 1/max|X|, floored so that it stays finite for subnormal X (entries then stay below 1)
     inv = amax_abs(X).clamp_min_(tiny).reciprocal_()
     S = (X * inv).square_()
     floor = eps * eps
     row_keep, col_keep = _signal_masks(S, m, n)
-    # vectors are kept as rows, u (..., 1, m) and v (..., 1, n), so that every product below is
-    # a row vector times S^T or S; masked rows / columns have a zero numerator
+    # vectors are kept as rows, u (B, 1, m) and v (B, 1, n), so that every product below is a
+    # row vector times S^T or S (BLAS runs these at memory speed; multiply-and-sum would write a
+    # temporary as large as S); masked rows / columns have a zero numerator
     u = row_keep.to(X.dtype).unsqueeze(-2)  # a*a
     v = col_keep.to(X.dtype).unsqueeze(-2)  # b*b
     nu, mv = u * n, v * m
     ST = S.mT
     for _ in range(num_iters):
-        u_new = nu / torch.matmul(v, ST).clamp_min_(floor)
+        u_new = nu / torch.bmm(v, ST).clamp_min_(floor)
         if variant == "alternating":
             u = u_new
-        v = mv / torch.matmul(u, S).clamp_min_(floor)
+        v = mv / torch.bmm(u, S).clamp_min_(floor)
         u = u_new
     # ||D_sqrt(u) X D_sqrt(v)||_F^2 = u^T S v, so RMS = sqrt(u^T S v / (m n))
-    rms = ((u * torch.matmul(v, ST)).sum(dim=-1, keepdim=True) / (m * n)).sqrt_()
+    rms = (torch.bmm(torch.bmm(v, ST), u.mT) / (m * n)).sqrt_()
     scale = torch.where(rms > 0, inv / torch.where(rms > 0, rms, 1.0), 0.0)
-    return Scalings(u.sqrt_().mul_(scale).squeeze(-2), v.sqrt_().squeeze(-2))
+    return Scalings(u.sqrt_().mul_(scale).reshape(lead + (m,)), v.sqrt_().reshape(lead + (n,)))
 
 
 def amax_abs(X: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .projections import unit_scale
+from .projections import amax_abs
 
 __all__ = ["QR_METHODS", "Orthonormalized", "householder_qr", "orthonormalize", "polar", "shifted_cholesky_qr"]
 
@@ -66,8 +66,7 @@ def householder_qr(A: Tensor) -> Tensor:
     r"""Q factor of :math:`A = QR` (batched, square or tall) with :math:`\mathrm{diag}(R)\ge 0`."""
     Q, R = torch.linalg.qr(A)
     d = torch.diagonal(R, dim1=-2, dim2=-1)
-    signs = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-    return Q * signs.unsqueeze(-2)
+    return Q.mul_(torch.where(d < 0, -1.0, 1.0).unsqueeze(-2))
 
 
 def _cholesky_qr_pass(A: Tensor, shift: float, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -142,12 +141,17 @@ def orthonormalize(
             for the ablation of SPEC §4).
         shift, cholqr2: see :func:`shifted_cholesky_qr`.
     """
-    amax = A.abs().amax(dim=(-2, -1))
-    usable = (amax > 0) & torch.isfinite(amax)
-    A_s = unit_scale(torch.where(usable[..., None, None], A, previous))
+    amax = amax_abs(A)
+    usable = (amax > 0) & torch.isfinite(amax)  # (..., 1, 1)
+    # on CPU the host sync is free and saves two full passes when every A is usable (the rule)
+    every = A.device.type == "cpu" and bool(usable.all())
+    X = A if every else torch.where(usable, A, previous)
+    # A_hat = (X / max|X|) / ||X / max|X|||_F (a kept R_prev needs no scaling: its entries are <= 1);
+    # 1/max is floored so that it stays finite for subnormal A, whose entries then stay below 1
+    X = X * torch.where(usable, amax.clamp_min(torch.finfo(A.dtype).tiny).reciprocal(), 1.0)
     # A_hat + delta * R_prev: null directions of A are built from the previous frame
     delta = WARM_START * torch.finfo(A.dtype).eps / 2
-    A_s = A_s / torch.linalg.vector_norm(A_s, dim=(-2, -1), keepdim=True) + delta * previous
+    A_s = X.mul_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).reciprocal_()).add_(previous, alpha=delta)
     fallbacks = torch.zeros((), dtype=torch.int64, device=A.device)
     if method == "householder":
         Q = householder_qr(A_s)
@@ -163,5 +167,6 @@ def orthonormalize(
         Q = polar(A_s)
     else:
         raise ValueError(f"Invalid qr method: {method!r}; expected one of {QR_METHODS + ('polar',)}")
-    Q = torch.where(usable[..., None, None], Q, previous)
+    if not every:
+        Q = torch.where(usable, Q, previous)
     return Orthonormalized(Q, fallbacks, (~usable).sum())
