@@ -10,30 +10,79 @@ from aro.bench.stepbench import aro_flops, muon_flops, state_bytes
 
 
 def test_flop_model():
-    # ARO on 4x8 (rotates the 4 side): R^T M, cross-Gram, R f -> 3 * 2*16*8, QR 8/3 * 64
-    assert aro_flops(4, 8) == pytest.approx(3 * 2 * 16 * 8 + 8 / 3 * 64)
+    # ARO on 4x8 (rotates the 4 side): Z0 = R^T M, cross-Gram, Z1 = R^T M, R f -> 4 * 2*16*8, QR 8/3 * 64
+    assert aro_flops(4, 8) == pytest.approx(4 * 2 * 16 * 8 + 8 / 3 * 64)
     assert aro_flops(8, 4) == aro_flops(4, 8)  # the smaller side is rotated
     assert aro_flops(4, 8, "identity") == 0.0
-    assert aro_flops(4, 8, every=4) == pytest.approx(2 * 2 * 16 * 8 + (2 * 16 * 8 + 8 / 3 * 64) / 4)
+    assert aro_flops(4, 8, "eigen") == aro_flops(4, 8)  # M (R^T M)^T costs what the cross-Gram costs
+    assert aro_flops(4, 8, every=4) == pytest.approx(2 * 2 * 16 * 8 + (2 * 2 * 16 * 8 + 8 / 3 * 64) / 4)
     assert muon_flops(4, 8) == pytest.approx(5 * (4 * 16 * 8 + 2 * 64))
+
+
+def test_flop_model_counts_the_products_aro_runs():
+    """The four products of the model are the matrix products one ARO step makes: the profiler's
+    bmm/mm calls on a 6 x 10 matrix, matrix-vector products (Sinkhorn's) left out."""
+    from torch.profiler import profile
+
+    import aro
+
+    p = torch.nn.Parameter(torch.randn(6, 10))
+    opt = aro.ARO([p], lr=1e-3)
+    p.grad = torch.randn(6, 10)
+    opt.step()
+    with profile(record_shapes=True) as prof:
+        opt.step()
+    flops = 0
+    for e in prof.events():
+        if e.name in ("aten::bmm", "aten::mm"):
+            (*_, rows, inner), (*_, _, cols) = e.input_shapes[:2]
+            if min(rows, inner, cols) > 1:
+                flops += 2 * rows * inner * cols
+    assert flops == aro_flops(6, 10) - 8 / 3 * 6**3
 
 
 def test_stepbench_writes_json_and_plot(tmp_path):
     out = tmp_path / "sb.json"
-    code = main(["stepbench", "--optimizers", "adamw,muon,aro-sinkhorn", "--presets", "tiny", "--dims", "16",
+    code = main(["stepbench", "--optimizers", "adamw,muon,muon-fp32,aro-sinkhorn", "--presets", "tiny", "--dims", "16",
                  "--train-preset", "tiny", "--warmup", "1", "--repeats", "3", "--out", str(out)])
     assert code == 0 and out.with_suffix(".png").exists()
     r = json.loads(out.read_text())
     preset = r["presets"][0]
     assert preset["ratio_vs_adamw"]["adamw"] == 1.0 and preset["ratio_vs_muon"]["muon"] == 1.0
+    assert preset["ratio_vs_muon_fp32"]["muon-fp32"] == 1.0
+    assert all(preset["rounds"][k] >= 3 for k in preset["step_ms"])  # none of these is a slow case
     # AdamW keeps exp_avg and exp_avg_sq: exactly 2 bytes of state per parameter byte (+ step scalars)
     assert preset["state_bytes_per_param_byte"]["adamw"] == pytest.approx(2.0, abs=0.01)
     assert preset["state_bytes_per_param_byte"]["aro-sinkhorn"] < 2.0
     mats = {(m["m"], m["n"]) for m in r["matrices"]}
     assert mats == {(16, 16), (16, 64)}
     for m in r["matrices"]:
-        assert set(m["roofline_fraction"]) == {"muon", "aro-sinkhorn"} and m["matmul_gflops"] > 0
-    assert set(r["train_step"]["step_ms"]) == {"adamw", "muon", "aro-sinkhorn"}  # every4 not asked for
+        assert set(m["roofline_fraction"]) == {"muon", "muon-fp32", "aro-sinkhorn"} and m["matmul_gflops"] > 0
+    assert set(r["train_step"]["step_ms"]) == {"adamw", "muon", "muon-fp32", "aro-sinkhorn"}  # every4 not asked for
+    names = [t["target"] for t in r["targets"]]
+    assert any("training step" in n for n in names) and r["targets"][2]["value"] == r["train_step"]["ratio_vs_adamw"][
+        "aro-sinkhorn"]
+
+
+def test_slow_cases_are_timed_once_and_predicted_ones_skipped():
+    from aro.bench.stepbench import _Cases
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        import time
+
+        time.sleep(0.05)
+
+    cases = _Cases(warmup=2, repeats=5, budget_s=10.0, slow_s=0.02, max_step_s=1.0, bf16_gflops=1.0)
+    r = cases.run({"fast": fast, "slow": slow, "muon": fast}, {"muon": 5e9})
+    assert r["rounds"] == {"fast": 5, "slow": 1}
+    assert calls["slow"] == 2 and calls["fast"] == 2 + 5  # slow: one warm-up call, one timed call
+    assert "muon" in r["skipped"] and "predicted 5 s" in r["skipped"]["muon"]
 
 
 def test_stepbench_rejects_unknown_names(tmp_path, capsys):

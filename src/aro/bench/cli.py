@@ -58,7 +58,8 @@ def _stepbench(args: argparse.Namespace) -> int:
     result = run_stepbench(
         optimizers=_names(args.optimizers), presets=_names(args.presets),
         dims=[int(d) for d in _names(args.dims)], train_preset=args.train_preset or None, out=Path(args.out),
-        warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, slow_s=args.slow, max_step_s=args.max_step,
+        threads=args.threads,
     )
     print(format_stepbench(result))
     print(f"\nresults: {args.out} and {Path(args.out).with_suffix('.png')}")
@@ -80,6 +81,10 @@ def _add_stepbench(sub) -> None:
     sb.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     sb.add_argument("--repeats", type=int, default=15, help="at most this many timed rounds")
     sb.add_argument("--budget", type=float, default=20.0, help="stop timing a case after this many seconds (>= 3 rounds)")
+    sb.add_argument("--slow", type=float, default=3.0,
+                    help="a case whose first step takes longer than this (s) is timed once and leaves the rounds")
+    sb.add_argument("--max-step", type=float, default=60.0,
+                    help="do not run torch.optim.Muon where it is predicted to take longer than this (s) per step")
     sb.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     sb.add_argument("--out", default="benchmarks/results/stepbench-cpu.json", help="JSON path; the plot goes beside it")
     sb.set_defaults(func=_stepbench)

@@ -1,30 +1,35 @@
 """``aro stepbench``: what one optimizer step costs, side by side, on this machine.
 
 Three sections, every one timed *interleaved* (one step of each optimizer in turn, repeated),
-after warm-up steps, reported as medians and ratios:
+after warm-up steps, reported as medians and ratios (:mod:`aro.bench.timing`):
 
 * ``presets``: the optimizer step alone on the parameters of each ``aro bench`` model preset
   (gradients are fixed random tensors), with the optimizer-state bytes per parameter byte;
 * ``matrices``: one ``d x d`` and one ``d x 4d`` matrix for each ``d``, with the achieved
-  GFLOP/s of the matrix methods against a plain matmul of the same operands on the same
+  GFLOP/s of the matrix methods against a plain float32 matmul of the same operands on the same
   machine (the roofline fraction);
 * ``train_step``: the whole training step (forward, backward, clipping, optimizer) of the
-  standard model for AdamW, Muon and ARO-Sinkhorn.
+  standard model.
+
+Two Muons: ``muon`` is ``torch.optim.Muon``, whose Newton-Schulz runs in bfloat16; ``muon-fp32``
+is the same update in float32, batched by shape (:mod:`aro.bench.optimizers`). On a CPU without
+bfloat16 instructions the first is emulated and about 30x slower than the second, so the
+comparison that matters there is with ``muon-fp32``; both are reported. A case predicted to take
+longer than ``max_step_s`` per step (``torch.optim.Muon``'s FLOPs at the measured bfloat16
+matmul speed) is not run, and its prediction is recorded instead.
 
 FLOP model for an ``m x n`` matrix whose rotated side is ``s = min(m, n)`` and other side
-``t = max(m, n)``: the ARO step forms :math:`R^\\top M` (:math:`2s^2t`), the cross-Gram
-:math:`M f(R^\\top M)^\\top` (:math:`2s^2t`), the update :math:`R f(\\cdot)` (:math:`2s^2t`) and a
-QR with its Q (:math:`\\tfrac83 s^3`); the eigen policy forms :math:`MM^\\top R` instead of the
-cross-Gram (:math:`2s^2t + 2s^3`). Muon's five quintic Newton-Schulz iterations cost
-:math:`5(4s^2t + 2s^3)`. Elementwise work (Sinkhorn, momentum, Adam) is not counted, so the
-GFLOP/s figure is the matrix-multiply throughput the step achieves.
+``t = max(m, n)``: the ARO step forms :math:`Z_0 = R_{t-1}^\top M`, the cross-Gram
+:math:`M f(Z_0)^\top`, :math:`Z_1 = R_t^\top M` and the update :math:`R_t f(Z_1)` (four products
+of :math:`2s^2t` each) and a QR with its Q (:math:`\tfrac83 s^3`); the eigen policy forms
+:math:`M (R^\top M)^\top` in place of the cross-Gram, at the same cost. Muon's five quintic
+Newton-Schulz iterations cost :math:`5(4s^2t + 2s^3)`. Elementwise work (Sinkhorn, momentum,
+Adam) is not counted, so the GFLOP/s figure is the matrix-multiply throughput the step achieves.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,15 +41,17 @@ import aro
 from .models import PRESETS, build_model
 from .optimizers import ADAMW_BETAS, ADAMW_EPS, OPTIMIZERS, build_optimizers
 from .protocol import environment_info
+from .timing import time_interleaved, warm_allocator
 from .train import atomic_write_text
 
 __all__ = ["DEFAULT_DIMS", "DEFAULT_OPTIMIZERS", "DEFAULT_PRESETS", "aro_flops", "muon_flops", "run_stepbench"]
 
-DEFAULT_OPTIMIZERS = ("adamw", "muon", "aro-sinkhorn", "aro-sinkhorn-every4", "aro-sinkhorn-scqr", "aro-sign", "aro-adam",
-                      "eigen-sinkhorn")
+DEFAULT_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4", "aro-sinkhorn-scqr",
+                      "aro-sign", "aro-adam", "eigen-sinkhorn")
 DEFAULT_PRESETS = ("tiny", "small", "medium", "large", "moe-small")
 DEFAULT_DIMS = (128, 256, 512, 1024, 2048)
-TRAIN_OPTIMIZERS = ("adamw", "muon", "aro-sinkhorn", "aro-sinkhorn-every4")
+TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4")
+STANDARD_PRESET = "small"  # the model of `aro bench --preset standard`
 LR, WD = 1e-3, 0.1
 
 
@@ -54,15 +61,17 @@ def aro_flops(m: int, n: int, rotation: str = "aro", every: int = 1) -> float:
     s, t = min(m, n), max(m, n)
     if rotation == "identity":
         return 0.0
-    new_rotation = 2.0 * s * s * t + 8.0 / 3.0 * s**3
-    if rotation.startswith("eigen"):
-        new_rotation += 2.0 * s**3
+    new_rotation = 2 * 2.0 * s * s * t + 8.0 / 3.0 * s**3
     return 2 * 2.0 * s * s * t + new_rotation / every
 
 
 def muon_flops(m: int, n: int, steps: int = 5) -> float:
     s, t = min(m, n), max(m, n)
     return steps * (4.0 * s * s * t + 2.0 * s**3)
+
+
+def _is_muon(name: str) -> bool:
+    return name == "muon" or (name in OPTIMIZERS and OPTIMIZERS[name].aro_options.get("base") == "newton_schulz")
 
 
 def _flops(name: str, shapes: list[tuple[int, ...]]) -> float:
@@ -73,30 +82,11 @@ def _flops(name: str, shapes: list[tuple[int, ...]]) -> float:
         batch = 1
         for b in shape[:-2]:
             batch *= b
-        if name == "muon":
+        if _is_muon(name):
             total += batch * muon_flops(shape[-2], shape[-1])
         elif name != "adamw":
             total += batch * aro_flops(shape[-2], shape[-1], rotation, every)
     return total
-
-
-def interleaved_medians(steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
-                        budget_s: float) -> dict[str, float]:
-    """Median seconds per call of each callable, called in turn (round robin) after ``warmup``
-    rounds; at least 3 and at most ``repeats`` timed rounds, fewer when a round takes long."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    start = time.perf_counter()
-    for r in range(repeats):
-        for k, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
@@ -123,35 +113,62 @@ def _stepper(opts: list[torch.optim.Optimizer]) -> Callable[[], None]:
     return step
 
 
-def _ratios(medians: dict[str, float], key: str) -> dict[str, float] | None:
-    if key not in medians:
+def _ratios(ms: dict[str, float], key: str) -> dict[str, float] | None:
+    if key not in ms:
         return None
-    return {k: v / medians[key] for k, v in medians.items()}
+    return {k: v / ms[key] for k, v in ms.items()}
 
 
-def bench_presets(presets: list[str], names: list[str], *, warmup: int, repeats: int, budget_s: float) -> list[dict]:
+def matmul_gflops(s: int, t: int, *, dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 5) -> float:
+    """GFLOP/s of a plain ``(s x s) @ (s x t)`` matmul in ``dtype`` on this machine."""
+    a, b = torch.randn(s, s, dtype=dtype), torch.randn(s, t, dtype=dtype)
+    ms = time_interleaved({"mm": lambda: torch.mm(a, b)}, warmup=warmup, repeats=repeats, budget_s=5.0)["mm"]["ms"]
+    return 2.0 * s * s * t / ms / 1e6
+
+
+class _Cases:
+    """Times a set of named steps interleaved, skipping ``torch.optim.Muon`` where its bfloat16
+    Newton-Schulz is predicted to take longer than ``max_step_s`` per step."""
+
+    def __init__(self, *, warmup: int, repeats: int, budget_s: float, slow_s: float, max_step_s: float,
+                 bf16_gflops: float | None):
+        self.warmup, self.repeats, self.budget_s = warmup, repeats, budget_s
+        self.slow_s, self.max_step_s, self.bf16_gflops = slow_s, max_step_s, bf16_gflops
+
+    def run(self, steps: dict[str, Callable[[], None]], flops: dict[str, float], warmup: int | None = None) -> dict:
+        skipped = {}
+        if "muon" in steps and self.bf16_gflops:
+            predicted = flops.get("muon", 0.0) / (self.bf16_gflops * 1e9)
+            if predicted > self.max_step_s:
+                skipped["muon"] = (f"not run: predicted {predicted:.0f} s per step ({flops['muon'] / 1e9:.0f} GFLOP "
+                                   f"of bfloat16 Newton-Schulz at the measured {self.bf16_gflops:.1f} GFLOP/s)")
+        timings = time_interleaved({k: v for k, v in steps.items() if k not in skipped},
+                                   warmup=self.warmup if warmup is None else warmup, repeats=self.repeats,
+                                   budget_s=self.budget_s, slow_s=self.slow_s)
+        ms = {k: t["ms"] for k, t in timings.items()}
+        return {"step_ms": ms, "rounds": {k: t["rounds"] for k, t in timings.items()},
+                "faults_per_step": {k: t["faults"] for k, t in timings.items()}, "skipped": skipped,
+                "ratio_vs_adamw": _ratios(ms, "adamw"), "ratio_vs_muon": _ratios(ms, "muon"),
+                "ratio_vs_muon_fp32": _ratios(ms, "muon-fp32")}
+
+
+def bench_presets(presets: list[str], names: list[str], cases: _Cases) -> list[dict]:
     out = []
     for preset in presets:
-        steppers, opts_by_name, models = {}, {}, {}
+        steppers, opts_by_name = {}, {}
         for name in names:
             model = build_model(preset, seed=0)
-            params = list(model.parameters())
-            _random_grads(params, seed=1)
+            _random_grads(list(model.parameters()), seed=1)
             opts = build_optimizers(name, model, LR, WD)
-            steppers[name], opts_by_name[name], models[name] = _stepper(opts), opts, model
-        medians = interleaved_medians(steppers, warmup=warmup, repeats=repeats, budget_s=budget_s)
-        model = next(iter(models.values()))
+            steppers[name], opts_by_name[name] = _stepper(opts), opts
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         hidden = [p.shape for _, (p, role) in aro.classify_parameters(model).items() if role == "matrix"]
-        out.append({
-            "preset": preset,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "optimizer_step_ms": {k: 1e3 * v for k, v in medians.items()},
-            "ratio_vs_adamw": _ratios(medians, "adamw"),
-            "ratio_vs_muon": _ratios(medians, "muon"),
-            "state_bytes_per_param_byte": {k: state_bytes(o) / param_bytes for k, o in opts_by_name.items()},
-            "hidden_matrix_gflops": {k: _flops(k, hidden) / medians[k] / 1e9 for k in names if k != "adamw"},
-        })
+        flops = {k: _flops(k, hidden) for k in names}
+        row = {"preset": preset, "parameters": sum(p.numel() for p in model.parameters())}
+        row.update(cases.run(steppers, flops))
+        row["state_bytes_per_param_byte"] = {k: state_bytes(opts_by_name[k]) / param_bytes for k in row["step_ms"]}
+        row["hidden_matrix_gflops"] = {k: flops[k] / row["step_ms"][k] / 1e6 for k in row["step_ms"] if k != "adamw"}
+        out.append(row)
     return out
 
 
@@ -167,14 +184,7 @@ def _matrix_optimizer(name: str, p: nn.Parameter) -> torch.optim.Optimizer:
     return aro.ARO([p], lr=LR, weight_decay=WD, **options)
 
 
-def matmul_gflops(s: int, t: int, *, warmup: int = 2, repeats: int = 5) -> float:
-    """GFLOP/s of a plain float32 ``(s x s) @ (s x t)`` matmul on this machine."""
-    a, b = torch.randn(s, s), torch.randn(s, t)
-    med = interleaved_medians({"mm": lambda: torch.mm(a, b)}, warmup=warmup, repeats=repeats, budget_s=5.0)["mm"]
-    return 2.0 * s * s * t / med / 1e9
-
-
-def bench_matrices(dims: list[int], names: list[str], *, warmup: int, repeats: int, budget_s: float) -> list[dict]:
+def bench_matrices(dims: list[int], names: list[str], cases: _Cases) -> list[dict]:
     out = []
     for d in dims:
         for m, n in ((d, d), (d, 4 * d)):
@@ -183,31 +193,28 @@ def bench_matrices(dims: list[int], names: list[str], *, warmup: int, repeats: i
                 p = nn.Parameter(torch.randn(m, n) / n**0.5)
                 _random_grads([p], seed=2)
                 steppers[name] = _stepper([_matrix_optimizer(name, p)])
-            medians = interleaved_medians(steppers, warmup=warmup, repeats=repeats, budget_s=budget_s)
+            flops = {k: _flops(k, [(m, n)]) for k in names}
+            row = {"m": m, "n": n, "d": d}
+            row.update(cases.run(steppers, flops, warmup=max(1, cases.warmup - 1)))
             peak = matmul_gflops(min(m, n), max(m, n))
-            achieved = {k: _flops(k, [(m, n)]) / medians[k] / 1e9 for k in names if k != "adamw"}
-            out.append({
-                "m": m, "n": n, "d": d,
-                "optimizer_step_ms": {k: 1e3 * v for k, v in medians.items()},
-                "ratio_vs_adamw": _ratios(medians, "adamw"),
-                "ratio_vs_muon": _ratios(medians, "muon"),
-                "matmul_gflops": peak,
-                "gflops": achieved,
-                "roofline_fraction": {k: v / peak for k, v in achieved.items()},
-            })
+            achieved = {k: flops[k] / v / 1e6 for k, v in row["step_ms"].items() if k != "adamw"}
+            row.update({"matmul_gflops": peak, "gflops": achieved,
+                        "roofline_fraction": {k: v / peak for k, v in achieved.items()}})
+            out.append(row)
     return out
 
 
-def bench_train_step(preset: str, names: list[str], *, batch_size: int, warmup: int, repeats: int,
-                     budget_s: float) -> dict:
+def bench_train_step(preset: str, names: list[str], cases: _Cases, *, batch_size: int) -> dict:
     cfg = PRESETS[preset]
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g)
     inputs, targets = x[:, :-1], x[:, 1:]
-    steppers = {}
+    steppers, flops = {}, {}
     for name in names:
         model = build_model(preset, seed=0)
         opts = build_optimizers(name, model, LR, WD)
+        hidden = [p.shape for _, (p, role) in aro.classify_parameters(model).items() if role == "matrix"]
+        flops[name] = _flops(name, hidden)
 
         def step(model=model, opts=opts) -> None:
             for o in opts:
@@ -218,14 +225,42 @@ def bench_train_step(preset: str, names: list[str], *, batch_size: int, warmup: 
                 o.step()
 
         steppers[name] = step
-    medians = interleaved_medians(steppers, warmup=warmup, repeats=repeats, budget_s=budget_s)
-    return {"preset": preset, "batch_size": batch_size, "step_ms": {k: 1e3 * v for k, v in medians.items()},
-            "ratio_vs_adamw": _ratios(medians, "adamw"), "ratio_vs_muon": _ratios(medians, "muon")}
+    row = {"preset": preset, "batch_size": batch_size}
+    row.update(cases.run(steppers, flops))
+    return row
+
+
+# The issue's targets (this 2-core CPU, float32, medians, ratios from one run): see README "Step cost".
+def targets(result: dict) -> list[dict]:
+    """Each target with its measured value and whether it is met (None: not measured)."""
+    out = []
+
+    def add(what: str, value: float | None, limit: float, above: bool = False) -> None:
+        met = None if value is None else (value >= limit if above else value <= limit)
+        out.append({"target": what, "value": value, "limit": limit, "met": met})
+
+    std = next((r for r in result.get("presets", []) if r["preset"] == STANDARD_PRESET), None)
+    aro_ms = std["step_ms"].get("aro-sinkhorn") if std else None
+    for base in ("muon", "muon-fp32"):
+        ref = std["step_ms"].get(base) if std else None
+        add(f"ARO-Sinkhorn optimizer step / {base} ({STANDARD_PRESET} preset)",
+            aro_ms / ref if aro_ms and ref else None, 1.0)
+    train = result.get("train_step")
+    ratio = train["ratio_vs_adamw"] if train and train["ratio_vs_adamw"] else {}
+    add(f"ARO-Sinkhorn training step / AdamW ({train['preset'] if train else STANDARD_PRESET} preset)",
+        ratio.get("aro-sinkhorn"), 1.05)
+    add(f"ARO-Sinkhorn optimizer state / parameter bytes, hybrid ({STANDARD_PRESET})",
+        std["state_bytes_per_param_byte"].get("aro-sinkhorn") if std else None, 2.0)
+    for r in result.get("matrices", []):
+        if r["d"] == 1024:
+            add(f"ARO-Sinkhorn share of plain-matmul GFLOP/s, {r['m']}x{r['n']}",
+                r["roofline_fraction"].get("aro-sinkhorn"), 0.5, above=True)
+    return out
 
 
 def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int], train_preset: str | None,
-                  out: Path, warmup: int = 3, repeats: int = 15, budget_s: float = 20.0, threads: int = 0,
-                  progress: Callable[[str], None] = print) -> dict:
+                  out: Path, warmup: int = 3, repeats: int = 15, budget_s: float = 20.0, slow_s: float = 3.0,
+                  max_step_s: float = 60.0, threads: int = 0, progress: Callable[[str], None] = print) -> dict:
     unknown = [n for n in optimizers if n not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"stepbench --optimizers: unknown {unknown}; choose from {sorted(OPTIMIZERS)}")
@@ -234,18 +269,24 @@ def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int],
         raise ValueError(f"stepbench --presets: unknown {bad}; choose from {sorted(PRESETS)}")
     if threads:
         torch.set_num_threads(threads)
+    warm_allocator()
+    bf16 = matmul_gflops(256, 1024, dtype=torch.bfloat16, warmup=1, repeats=3) if "muon" in optimizers else None
+    cases = _Cases(warmup=warmup, repeats=repeats, budget_s=budget_s, slow_s=slow_s, max_step_s=max_step_s,
+                   bf16_gflops=bf16)
     result: dict = {"environment": environment_info(), "optimizers": optimizers,
-                    "settings": {"warmup": warmup, "repeats": repeats, "budget_s": budget_s}}
+                    "settings": {"warmup": warmup, "repeats": repeats, "budget_s": budget_s, "slow_s": slow_s,
+                                 "max_step_s": max_step_s},
+                    "matmul_gflops_256x1024": {"float32": matmul_gflops(256, 1024), "bfloat16": bf16}}
     progress(f"presets: {presets}")
-    result["presets"] = bench_presets(presets, optimizers, warmup=warmup, repeats=repeats, budget_s=budget_s)
+    result["presets"] = bench_presets(presets, optimizers, cases)
     single = [n for n in optimizers if OPTIMIZERS[n].aro_options.get("sharing", "none") == "none"]
     progress(f"matrices: d in {dims}")
-    result["matrices"] = bench_matrices(dims, single, warmup=max(1, warmup - 1), repeats=repeats, budget_s=budget_s)
+    result["matrices"] = bench_matrices(dims, single, cases)
     if train_preset:
         names = [n for n in TRAIN_OPTIMIZERS if n in optimizers]
         progress(f"training step: {train_preset}, {names}")
-        result["train_step"] = bench_train_step(train_preset, names, batch_size=16, warmup=warmup,
-                                                repeats=repeats, budget_s=budget_s)
+        result["train_step"] = bench_train_step(train_preset, names, cases, batch_size=16)
+    result["targets"] = targets(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
     plot_stepbench(result, out.with_suffix(".png"))
@@ -258,42 +299,63 @@ def plot_stepbench(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     rows = result["matrices"]
     for i, name in enumerate(result["optimizers"]):
-        color = f"C{i}"
+        color = f"C{i % 10}"
         for wide, style in ((False, "-"), (True, "--")):
-            pts = [(r["d"], r["optimizer_step_ms"][name]) for r in rows
-                   if (r["n"] == 4 * r["m"]) == wide and name in r["optimizer_step_ms"]]
-            if pts:
-                ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{name} ({'d x 4d' if wide else 'd x d'})")
+            pts = [(r["d"], r["step_ms"][name], r["rounds"][name]) for r in rows
+                   if (r["n"] == 4 * r["m"]) == wide and name in r["step_ms"]]
+            if not pts:
+                continue
+            ax.plot([d for d, _, _ in pts], [t for _, t, _ in pts], style, marker="o", color=color,
+                    label=f"{name} ({'d x 4d' if wide else 'd x d'})")
+            single = [(d, t) for d, t, n in pts if n == 1]
+            if single:  # timed once (slower than the slow threshold)
+                ax.plot(*zip(*single), "o", color="white", markeredgecolor=color, zorder=3)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("d")
     ax.set_ylabel("optimizer step (ms, median)")
-    ax.set_title("one optimizer step on one matrix")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("one optimizer step on one d x d (solid) or d x 4d (dashed) matrix\n"
+                 "hollow: timed once (slow case); missing: not run (predicted too slow)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _cell(r: dict, n: str) -> str:
+    if n in r["skipped"]:
+        return f"{n} skipped"
+    text = f"{n} {r['step_ms'][n]:.1f}"
+    ratios = [(r[k][n], lbl) for k, lbl in (("ratio_vs_muon_fp32", "xMfp32"), ("ratio_vs_adamw", "xAdamW"))
+              if r.get(k) and n in r[k]]
+    if ratios:
+        text += " (" + ", ".join(f"{v:.2f}{lbl}" for v, lbl in ratios[:1]) + ")"
+    return text + ("*" if r["rounds"].get(n) == 1 else "")
+
+
 def format_stepbench(result: dict) -> str:
-    lines = []
-    names = result["optimizers"]
-    lines.append("optimizer step on preset parameters (ms, median; x Muon; state bytes / param bytes)")
+    lines = ["optimizer step on preset parameters (ms, median; x muon-fp32; [state bytes / param bytes]; "
+             "* timed once)"]
     for r in result["presets"]:
-        cells = [f"{n} {r['optimizer_step_ms'][n]:.2f}" + (f" ({r['ratio_vs_muon'][n]:.2f}x)" if r["ratio_vs_muon"] else "")
-                 + f" [{r['state_bytes_per_param_byte'][n]:.2f}]" for n in names]
+        cells = [_cell(r, n) + (f" [{r['state_bytes_per_param_byte'][n]:.2f}]" if n in r["step_ms"] else "")
+                 for n in result["optimizers"]]
         lines.append(f"  {r['preset']:<10} " + "  ".join(cells))
-    lines.append("single matrices (ms, median; roofline fraction vs plain matmul)")
+    lines.append("single matrices (ms, median; share of plain-matmul GFLOP/s)")
     for r in result["matrices"]:
-        cells = [f"{n} {v:.2f}" + (f" ({r['roofline_fraction'][n]:.0%})" if n in r["roofline_fraction"] else "")
-                 for n, v in r["optimizer_step_ms"].items()]
+        cells = [_cell(r, n) + (f" {{{r['roofline_fraction'][n]:.0%}}}" if n in r["roofline_fraction"] else "")
+                 for n in list(r["step_ms"]) + list(r["skipped"])]
         lines.append(f"  {r['m']}x{r['n']:<6} mm {r['matmul_gflops']:.0f} GF/s  " + "  ".join(cells))
     if "train_step" in result:
         t = result["train_step"]
         lines.append(f"training step, {t['preset']} (ms, median; x AdamW)")
         lines.append("  " + "  ".join(f"{n} {v:.1f} ({t['ratio_vs_adamw'][n]:.3f}x)" for n, v in t["step_ms"].items()))
+    lines.append("targets")
+    for tg in result.get("targets", []):
+        value = "not measured" if tg["value"] is None else f"{tg['value']:.3f}"
+        verdict = {True: "met", False: "MISSED", None: "-"}[tg["met"]]
+        lines.append(f"  {tg['target']}: {value} (limit {tg['limit']}) {verdict}")
     return "\n".join(lines)
