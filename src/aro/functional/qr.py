@@ -64,8 +64,10 @@ class Orthonormalized(NamedTuple):
 
 def householder_qr(A: Tensor) -> Tensor:
     r"""Q factor of :math:`A = QR` (batched, square or tall) with :math:`\mathrm{diag}(R)\ge 0`."""
-    Q, R = torch.linalg.qr(A)
-    d = torch.diagonal(R, dim1=-2, dim2=-1)
+    # geqrf + orgqr rather than linalg.qr, which also writes out R (the diagonal is enough)
+    H, tau = torch.geqrf(A)
+    Q = torch.linalg.householder_product(H, tau)
+    d = torch.diagonal(H, dim1=-2, dim2=-1)
     return Q.mul_(torch.where(d < 0, -1.0, 1.0).unsqueeze(-2))
 
 
