@@ -85,6 +85,16 @@ def test_slow_cases_are_timed_once_and_predicted_ones_skipped():
     assert "muon" in r["skipped"] and "predicted 5 s" in r["skipped"]["muon"]
 
 
+def test_periodic_optimizers_are_timed_over_a_whole_period():
+    from aro.bench.stepbench import _Cases, steps_per_call
+
+    assert steps_per_call("aro-sinkhorn-every4") == 4 and steps_per_call("aro-sinkhorn") == 1
+    calls = []
+    cases = _Cases(warmup=1, repeats=3, budget_s=10.0, slow_s=10.0, max_step_s=1.0, bf16_gflops=None)
+    r = cases.run({"aro-sinkhorn-every4": lambda: calls.append(1)}, {})
+    assert len(calls) == 4 * (1 + 3) and r["steps_per_call"] == {"aro-sinkhorn-every4": 4}
+
+
 def test_stepbench_rejects_unknown_names(tmp_path, capsys):
     assert main(["stepbench", "--optimizers", "lion", "--out", str(tmp_path / "x.json")]) == 2
     assert "lion" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def _stepbench(args: argparse.Namespace) -> int:
         optimizers=_names(args.optimizers), presets=_names(args.presets),
         dims=[int(d) for d in _names(args.dims)], train_preset=args.train_preset or None, out=Path(args.out),
         warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, slow_s=args.slow, max_step_s=args.max_step,
-        threads=args.threads,
+        threads=args.threads, warm=not args.cold_allocator, train_batch=args.train_batch,
     )
     print(format_stepbench(result))
     print(f"\nresults: {args.out} and {Path(args.out).with_suffix('.png')}")
@@ -78,6 +78,8 @@ def _add_stepbench(sub) -> None:
     sb.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="model presets whose parameters are stepped")
     sb.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="d for the d x d and d x 4d matrices")
     sb.add_argument("--train-preset", default="small", help="model of the training-step timing ('' to skip)")
+    sb.add_argument("--train-batch", type=int, default=16,
+                    help="sequences per training step (16: the bench protocol's batch)")
     sb.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     sb.add_argument("--repeats", type=int, default=15, help="at most this many timed rounds")
     sb.add_argument("--budget", type=float, default=20.0, help="stop timing a case after this many seconds (>= 3 rounds)")
@@ -85,6 +87,8 @@ def _add_stepbench(sub) -> None:
                     help="a case whose first step takes longer than this (s) is timed once and leaves the rounds")
     sb.add_argument("--max-step", type=float, default=60.0,
                     help="do not run torch.optim.Muon where it is predicted to take longer than this (s) per step")
+    sb.add_argument("--cold-allocator", action="store_true",
+                    help="time without first freeing a large block (fresh pages: not what a training loop sees)")
     sb.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     sb.add_argument("--out", default="benchmarks/results/stepbench-cpu.json", help="JSON path; the plot goes beside it")
     sb.set_defaults(func=_stepbench)

@@ -113,6 +113,24 @@ def _stepper(opts: list[torch.optim.Optimizer]) -> Callable[[], None]:
     return step
 
 
+def steps_per_call(name: str) -> int:
+    """A periodic optimizer (``rotation_every=k``) is timed over k consecutive steps per call, so
+    that its figure is the amortized cost per step (a median over single steps would pick the
+    cheap steps between refreshes)."""
+    return int(OPTIMIZERS[name].aro_options.get("rotation_every", 1)) if name in OPTIMIZERS else 1
+
+
+def _repeated(fn: Callable[[], None], k: int) -> Callable[[], None]:
+    if k == 1:
+        return fn
+
+    def run() -> None:
+        for _ in range(k):
+            fn()
+
+    return run
+
+
 def _ratios(ms: dict[str, float], key: str) -> dict[str, float] | None:
     if key not in ms:
         return None
@@ -142,12 +160,14 @@ class _Cases:
             if predicted > self.max_step_s:
                 skipped["muon"] = (f"not run: predicted {predicted:.0f} s per step ({flops['muon'] / 1e9:.0f} GFLOP "
                                    f"of bfloat16 Newton-Schulz at the measured {self.bf16_gflops:.1f} GFLOP/s)")
-        timings = time_interleaved({k: v for k, v in steps.items() if k not in skipped},
+        per_call = {k: steps_per_call(k) for k in steps}
+        timings = time_interleaved({k: _repeated(v, per_call[k]) for k, v in steps.items() if k not in skipped},
                                    warmup=self.warmup if warmup is None else warmup, repeats=self.repeats,
                                    budget_s=self.budget_s, slow_s=self.slow_s)
-        ms = {k: t["ms"] for k, t in timings.items()}
+        ms = {k: t["ms"] / per_call[k] for k, t in timings.items()}
         return {"step_ms": ms, "rounds": {k: t["rounds"] for k, t in timings.items()},
-                "faults_per_step": {k: t["faults"] for k, t in timings.items()}, "skipped": skipped,
+                "steps_per_call": {k: per_call[k] for k in timings if per_call[k] > 1},
+                "faults_per_step": {k: t["faults"] / per_call[k] for k, t in timings.items()}, "skipped": skipped,
                 "ratio_vs_adamw": _ratios(ms, "adamw"), "ratio_vs_muon": _ratios(ms, "muon"),
                 "ratio_vs_muon_fp32": _ratios(ms, "muon-fp32")}
 
@@ -260,7 +280,8 @@ def targets(result: dict) -> list[dict]:
 
 def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int], train_preset: str | None,
                   out: Path, warmup: int = 3, repeats: int = 15, budget_s: float = 20.0, slow_s: float = 3.0,
-                  max_step_s: float = 60.0, threads: int = 0, progress: Callable[[str], None] = print) -> dict:
+                  max_step_s: float = 60.0, threads: int = 0, warm: bool = True, train_batch: int = 16,
+                  progress: Callable[[str], None] = print) -> dict:
     unknown = [n for n in optimizers if n not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"stepbench --optimizers: unknown {unknown}; choose from {sorted(OPTIMIZERS)}")
@@ -269,13 +290,14 @@ def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int],
         raise ValueError(f"stepbench --presets: unknown {bad}; choose from {sorted(PRESETS)}")
     if threads:
         torch.set_num_threads(threads)
-    warm_allocator()
+    if warm:
+        warm_allocator()
     bf16 = matmul_gflops(256, 1024, dtype=torch.bfloat16, warmup=1, repeats=3) if "muon" in optimizers else None
     cases = _Cases(warmup=warmup, repeats=repeats, budget_s=budget_s, slow_s=slow_s, max_step_s=max_step_s,
                    bf16_gflops=bf16)
     result: dict = {"environment": environment_info(), "optimizers": optimizers,
                     "settings": {"warmup": warmup, "repeats": repeats, "budget_s": budget_s, "slow_s": slow_s,
-                                 "max_step_s": max_step_s},
+                                 "max_step_s": max_step_s, "allocator_warmed": warm},
                     "matmul_gflops_256x1024": {"float32": matmul_gflops(256, 1024), "bfloat16": bf16}}
     progress(f"presets: {presets}")
     result["presets"] = bench_presets(presets, optimizers, cases)
@@ -285,7 +307,7 @@ def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int],
     if train_preset:
         names = [n for n in TRAIN_OPTIMIZERS if n in optimizers]
         progress(f"training step: {train_preset}, {names}")
-        result["train_step"] = bench_train_step(train_preset, names, cases, batch_size=16)
+        result["train_step"] = bench_train_step(train_preset, names, cases, batch_size=train_batch)
     result["targets"] = targets(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
