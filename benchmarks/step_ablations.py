@@ -15,8 +15,16 @@ differs from ``default`` in one thing:
   multiplies by it (the path every user callable takes) instead of folding (a, b) into the products;
 * ``previous_sinkhorn``  -- as ``materialized_f``, with the Sinkhorn this project shipped before
   (matrix-vector products as multiply-and-sum, ``|X|`` copies for the largest entry);
-* ``every4``             -- a new rotation every 4th step (``rotation_every=4``);
+* ``every4``             -- a new rotation every 4th step (``rotation_every=4``), timed over
+  four steps per call (its amortized cost);
+* ``bf16_products``      -- the products by R in bfloat16 (``matmul_dtype=torch.bfloat16``);
 * ``compiled``           -- (``--compile``) the pure rotated step under ``torch.compile``.
+
+A second table (``pieces``) splits the default step: for every bucket of same-shape matrices
+of the preset it times, interleaved, the four matrix products, the two Sinkhorn scalings, the
+orthonormalization (QR) and the whole rotated step, and sums them over the buckets; what is
+left of the optimizer step is the elementwise work around them (momentum, RMS matching,
+the parameter update, the AdamW path) and Python.
 """
 
 from __future__ import annotations
@@ -63,6 +71,36 @@ def _matrices(preset: str, seed: int) -> list[torch.nn.Parameter]:
     return mats
 
 
+def pieces(preset: str, repeats: int) -> dict[str, float]:
+    """Milliseconds of the parts of the default rotated step, summed over the preset's buckets."""
+    from aro.functional.projections import make_projection
+    from aro.functional.qr import orthonormalize
+    from aro.functional.rotation import _common_scale, cross_gram, shared_rotated_step
+
+    f = make_projection("sinkhorn")
+    shapes: dict[tuple[int, int], int] = {}
+    for p in _matrices(preset, 1):
+        m, n = sorted(p.shape)
+        shapes[(m, n)] = shapes.get((m, n), 0) + 1
+    total: dict[str, float] = {}
+    g = torch.Generator().manual_seed(0)
+    for (m, n), count in shapes.items():
+        M = torch.randn(count, m, n, generator=g) * 1e-2
+        R = torch.linalg.qr(torch.randn(count, m, m, generator=g))[0]
+        Ms = _common_scale([M])[0]
+        Z = R.mT @ Ms
+        A = cross_gram([M], R, policy="aro", f=f)
+        cases = {
+            "products (4)": lambda: [torch.bmm(R.mT, Ms) for _ in range(4)],
+            "sinkhorn scalings (2)": lambda: [f.scalings(Z) for _ in range(2)],
+            "orthonormalize (QR)": lambda: orthonormalize(A, R),
+            "rotated step": lambda: shared_rotated_step([M], R, policy="aro", f=f),
+        }
+        for k, t in time_interleaved(cases, warmup=3, repeats=repeats, budget_s=30.0).items():
+            total[k] = total.get(k, 0.0) + t["ms"]
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -78,9 +116,11 @@ def main() -> None:
         "materialized_f": aro.ARO(_matrices(args.preset, 1), lr=1e-3, base=partial(sinkhorn, num_iters=5)),
         "previous_sinkhorn": aro.ARO(_matrices(args.preset, 1), lr=1e-3, base=_previous_sinkhorn),
         "every4": aro.ARO(_matrices(args.preset, 1), lr=1e-3, rotation_every=4),
+        "bf16_products": aro.ARO(_matrices(args.preset, 1), lr=1e-3, matmul_dtype=torch.bfloat16),
     }
     per_matrix = [aro.ARO([p], lr=1e-3) for p in _matrices(args.preset, 1)]
     steps = {k: o.step for k, o in opts.items()}
+    steps["every4"] = lambda: [opts["every4"].step() for _ in range(4)]
     steps["per_matrix"] = lambda: [o.step() for o in per_matrix]
     compile_s = None
     if args.compile:
@@ -96,17 +136,20 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         steps["compiled"] = compiled_step
     timings = time_interleaved(steps, warmup=5, repeats=args.repeats, budget_s=120.0)
+    timings["every4"]["ms"] /= 4
     base = timings["default"]["ms"]
     result = {"environment": environment_info(), "preset": args.preset, "compile_seconds": compile_s,
               "optimizer_step_ms": {k: t["ms"] for k, t in timings.items()},
               "ratio_vs_default": {k: t["ms"] / base for k, t in timings.items()},
-              "faults_per_step": {k: t["faults"] for k, t in timings.items()}}
+              "faults_per_step": {k: t["faults"] for k, t in timings.items()},
+              "pieces": pieces(args.preset, args.repeats)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     for k, t in timings.items():
         print(f"{k:<18} {t['ms']:8.2f} ms   x{t['ms'] / base:.2f}")
     if compile_s is not None:
         print(f"(torch.compile: first step {compile_s:.0f} s)")
+    print("pieces of the default step, summed over buckets:", {k: round(v, 2) for k, v in result["pieces"].items()})
 
 
 if __name__ == "__main__":

@@ -55,12 +55,32 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_details() -> dict[str, Any]:
+    """Family/model and the instruction sets that decide bfloat16 matmul speed (Linux only)."""
+    info: dict[str, Any] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in info:
+                info[key.replace(" ", "_")] = value.strip()
+            if key == "flags":
+                flags = set(value.split())
+                info["bf16_instructions"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+                info["avx512"] = "avx512f" in flags
+                break
+    except OSError:
+        pass
+    return info
+
+
 def environment_info() -> dict[str, Any]:
     return {
         "git_sha": _git_sha(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_name(),
+        "cpu_details": _cpu_details(),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
