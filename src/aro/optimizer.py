@@ -116,8 +116,10 @@ class ARO(Optimizer):
     the ARO path; ``step``, ``exp_avg``, ``exp_avg_sq`` on the AdamW path. State is float32
     for float32/bf16/fp16 parameters and float64 for float64 parameters.
 
-    Departures from the paper: the Sinkhorn scaling is iterated on its scaling vectors
-    (same result, fewer passes); every f output is renormalized to RMS 1; a zero or
+    Departures from the paper: the Sinkhorn scaling is iterated on its scaling vectors and,
+    like row-norm, never written out: :math:`f(Z) = D_a Z D_b` enters the products as
+    :math:`(M D_b) Z^\top D_a` and :math:`(R D_a) Z D_b` (same result, fewer passes over memory;
+    a user callable f is written out); every f output is renormalized to RMS 1; a zero or
     non-finite cross-Gram keeps the previous rotation.
 
     References:

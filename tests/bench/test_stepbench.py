@@ -64,6 +64,17 @@ def test_stepbench_writes_json_and_plot(tmp_path):
         "aro-sinkhorn"]
 
 
+def test_forward_backward_flops_of_the_tiny_model():
+    from aro.bench.models import PRESETS, build_model
+    from aro.bench.stepbench import forward_backward_flops
+
+    cfg = PRESETS["tiny"]  # d 64, 3 layers, seq 64, MLP 4d, untied head 64 x 256
+    d, L, T = cfg.d_model, cfg.n_layers, cfg.seq_len
+    weights = L * (4 * d * d + 2 * 4 * d * d) + 256 * d
+    expected = 6 * 2 * T * weights + 12 * L * 2 * T * T * d
+    assert forward_backward_flops(build_model("tiny", seed=0), cfg, 2) == expected
+
+
 def test_slow_cases_are_timed_once_and_predicted_ones_skipped():
     from aro.bench.stepbench import _Cases
 

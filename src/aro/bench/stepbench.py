@@ -245,9 +245,22 @@ def bench_train_step(preset: str, names: list[str], cases: _Cases, *, batch_size
                 o.step()
 
         steppers[name] = step
-    row = {"preset": preset, "batch_size": batch_size}
+    row = {"preset": preset, "batch_size": batch_size,
+           "forward_backward_gflop": forward_backward_flops(model, cfg, batch_size) / 1e9,
+           "optimizer_matmul_gflop": {k: v / 1e9 for k, v in flops.items()}}
     row.update(cases.run(steppers, flops))
     return row
+
+
+def forward_backward_flops(model: nn.Module, cfg, batch_size: int) -> float:
+    """Matrix-multiply FLOPs of one forward + backward pass: 6 per token and weight of every
+    matrix the tokens are multiplied by (embedding lookups are not products), plus attention's
+    scores and weighted sums, :math:`4 T^2 d` per layer and sequence forward, three times that
+    with the backward pass. The lower bound of what the optimizer's FLOPs are compared with."""
+    tokens = batch_size * cfg.seq_len
+    weights = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and "emb" not in name)
+    attention = 12 * cfg.n_layers * batch_size * cfg.seq_len**2 * cfg.d_model
+    return 6.0 * tokens * weights + attention
 
 
 # The issue's targets (this 2-core CPU, float32, medians, ratios from one run): see README "Step cost".
@@ -375,6 +388,10 @@ def format_stepbench(result: dict) -> str:
         t = result["train_step"]
         lines.append(f"training step, {t['preset']} (ms, median; x AdamW)")
         lines.append("  " + "  ".join(f"{n} {v:.1f} ({t['ratio_vs_adamw'][n]:.3f}x)" for n, v in t["step_ms"].items()))
+        if "forward_backward_gflop" in t:
+            fb = t["forward_backward_gflop"]
+            lines.append(f"  forward+backward {fb:.2f} GFLOP; optimizer matmul FLOPs as a share of it: " + "  ".join(
+                f"{n} {v / fb:.1%}" for n, v in t["optimizer_matmul_gflop"].items() if v))
     lines.append("targets")
     for tg in result.get("targets", []):
         value = "not measured" if tg["value"] is None else f"{tg['value']:.3f}"

@@ -6,15 +6,16 @@ hits all of them alike, and report medians.
 
 Two details matter on CPU:
 
-* **Allocator state.** glibc's ``malloc`` serves large blocks with fresh ``mmap``'d pages until
-  a large block has been freed once; then it raises its thresholds and recycles memory. In a
-  training loop the forward and backward pass free far larger blocks than an optimizer step
-  allocates, so the step runs with recycled memory: the ARO step takes 0.4 page faults per step
-  inside ``bench_train_step`` but about 4000 when stepped alone in a fresh process, each fault
-  zeroing a 4 KiB page in the kernel (measured on the ``small`` preset). :func:`warm_allocator`
-  frees one 32 MiB block before any timing, so that every optimizer is timed in the state a
-  training loop leaves the allocator in; the page faults per call are recorded so this stays
-  visible.
+* **Allocator state.** glibc's ``malloc`` serves large blocks with fresh ``mmap``'d pages, and
+  trims freed memory back to the kernel, until a large block has been freed once; then it
+  raises its thresholds and recycles more memory. In a training loop the forward and backward
+  pass free far larger blocks than an optimizer step allocates, so the step runs on recycled
+  memory: inside ``aro stepbench``'s training-step timing every optimizer takes no page faults,
+  while ARO-Sinkhorn stepped alone on the ``small`` preset takes about 2900 per step in a cold
+  process (each fault zeroes a 4 KiB page in the kernel). :func:`warm_allocator` frees one
+  32 MiB block before any timing, which brings that to about 1000 (``faults_per_step`` in
+  ``benchmarks/results/stepbench-*.json``): closer to what a training loop sees, though not all
+  the way (the page faults per call are recorded, so this stays visible).
 * **Very slow cases.** A case whose warm-up call exceeds ``slow_s`` is timed once more and
   taken out of the rounds (its figure is marked ``rounds: 1``), so that one pathological case
   (``torch.optim.Muon``'s bfloat16 Newton-Schulz on a CPU without bfloat16 instructions, tens
