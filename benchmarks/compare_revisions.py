@@ -9,7 +9,8 @@ base, head, base, head, ... for ``--rounds`` rounds, so that a drift of the mach
 hits both alike. Each process warms up, then reports the median of ``--steps`` timed steps of
 ``opt.step()`` on fixed random gradients of a bench preset (and, with ``--train``, of a whole
 training step). The result is the median over rounds per revision and their ratio.
-``--head`` defaults to the working tree.
+``--head`` defaults to the working tree. Each process starts with a cold allocator (fresh
+pages for the step's temporaries; see :mod:`aro.bench.timing`), the same for both revisions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 SNIPPET = r"""
 import json, statistics, sys, time
 import torch
-block = torch.empty(8 * 2**20); block.fill_(0.0); del block  # allocator as a training loop leaves it
 from aro.bench.models import PRESETS, build_model
 from aro.bench.optimizers import build_optimizers
 name, preset, steps, train = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"

@@ -8,14 +8,13 @@ Two details matter on CPU:
 
 * **Allocator state.** glibc's ``malloc`` serves large blocks with fresh ``mmap``'d pages, and
   trims freed memory back to the kernel, until a large block has been freed once; then it
-  raises its thresholds and recycles more memory. In a training loop the forward and backward
-  pass free far larger blocks than an optimizer step allocates, so the step runs on recycled
-  memory: inside ``aro stepbench``'s training-step timing every optimizer takes no page faults,
-  while ARO-Sinkhorn stepped alone on the ``small`` preset takes about 2900 per step in a cold
-  process (each fault zeroes a 4 KiB page in the kernel). :func:`warm_allocator` frees one
-  32 MiB block before any timing, which brings that to about 1000 (``faults_per_step`` in
-  ``benchmarks/results/stepbench-*.json``): closer to what a training loop sees, though not all
-  the way (the page faults per call are recorded, so this stays visible).
+  raises its thresholds and recycles memory. In a training loop the forward and backward pass
+  free far larger blocks than an optimizer step allocates, so the step runs on recycled
+  memory: inside ``aro stepbench``'s training-step timing no optimizer takes a page fault,
+  while ARO-Sinkhorn stepped alone on the ``small`` preset in a fresh process takes about 2900
+  per step (each zeroes a 4 KiB page in the kernel). :func:`warm_allocator` frees one 24 MiB
+  block before any timing, after which the step takes almost none, as in training; the page
+  faults per call are recorded, so this stays visible (``--cold-allocator`` skips it).
 * **Very slow cases.** A case whose warm-up call exceeds ``slow_s`` is timed once more and
   taken out of the rounds (its figure is marked ``rounds: 1``), so that one pathological case
   (``torch.optim.Muon``'s bfloat16 Newton-Schulz on a CPU without bfloat16 instructions, tens
@@ -33,11 +32,15 @@ import torch
 
 __all__ = ["Timing", "interleaved_medians", "time_interleaved", "warm_allocator"]
 
-_WARM_BYTES = 32 * 2**20
+# glibc raises its mmap threshold to the size of a freed mmap'd block only up to
+# DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit), and its trim threshold to twice that: a 24 MiB
+# block gets both as high as they go while staying below the cap (a 32 MiB tensor, with malloc's
+# header, is just above it and changes nothing).
+_WARM_BYTES = 24 * 2**20
 
 
 def warm_allocator() -> None:
-    """Allocate, touch and free one 32 MiB block (see the module docstring)."""
+    """Allocate, touch and free one 24 MiB block (see the module docstring)."""
     block = torch.empty(_WARM_BYTES // 4, dtype=torch.float32)
     block.fill_(0.0)
     del block
