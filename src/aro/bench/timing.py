@@ -11,7 +11,7 @@ Two details matter on CPU:
   raises its thresholds and recycles memory. In a training loop the forward and backward pass
   free far larger blocks than an optimizer step allocates, so the step runs on recycled
   memory: inside ``aro stepbench``'s training-step timing no optimizer takes a page fault,
-  while ARO-Sinkhorn stepped alone on the ``small`` preset in a fresh process takes about 2900
+  while ARO-Sinkhorn stepped alone on the ``small`` preset in a fresh process takes about 2500
   per step (each zeroes a 4 KiB page in the kernel). :func:`warm_allocator` frees one 24 MiB
   block before any timing, after which the step takes almost none, as in training; the page
   faults per call are recorded, so this stays visible (``--cold-allocator`` skips it).

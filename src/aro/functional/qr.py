@@ -2,7 +2,8 @@ r"""Orthonormalization of the cross-Gram: Householder QR and shifted Cholesky QR
 
 ARO's rotation is the Q factor of a square matrix :math:`A` (the cross-Gram). Two backends:
 
-* ``"householder"``: :func:`torch.linalg.qr`, with column signs fixed so that
+* ``"householder"``: LAPACK's ``geqrf`` + ``orgqr`` (:func:`torch.geqrf`,
+  :func:`torch.linalg.householder_product`), with column signs fixed so that
   :math:`\mathrm{diag}(R) \ge 0` (deterministic, and equal to what Cholesky QR returns).
 * ``"shifted_cholesky"``: :math:`\hat A = A/\|A\|_F`, :math:`P = \hat A^\top\hat A + sI`,
   :math:`P = LL^\top`, :math:`Q_1 = \hat A L^{-\top}`; then an optional second, unshifted
