@@ -12,7 +12,7 @@ identity rotation and Nesterov momentum, which is Muon with exact RMS matching.
 
 ``muon-fp32`` is that same Muon update on every hidden matrix, batched by shape, with its
 Newton-Schulz products in float32. ``torch.optim.Muon`` runs them in bfloat16, which is fast on
-GPUs and on CPUs with bfloat16 instructions, but is emulated (about 30x slower than float32) on
+GPUs and on CPUs with bfloat16 instructions, but is emulated (about 16x slower per step) on
 CPUs without them; ``muon-fp32`` is then the fair (and stronger) Muon to time against.
 """
 

@@ -45,42 +45,38 @@ def _git_sha() -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_details() -> dict[str, Any]:
-    """Family/model and the instruction sets that decide bfloat16 matmul speed (Linux only)."""
+def _cpu_info() -> dict[str, Any]:
+    """Name, family/model and the instruction sets that decide bfloat16 matmul speed, from the
+    first processor of ``/proc/cpuinfo`` (Linux; elsewhere the name from ``platform``)."""
     info: dict[str, Any] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("cpu family", "model") and key not in info:
-                info[key.replace(" ", "_")] = value.strip()
-            if key == "flags":
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                info["name"] = value
+            elif key in ("cpu family", "model"):
+                info[key.replace(" ", "_")] = value
+            elif key == "flags":
                 flags = set(value.split())
                 info["bf16_instructions"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
                 info["avx512"] = "avx512f" in flags
-                break
+            elif not line.strip() and info:
+                break  # the end of the first processor's block
     except OSError:
         pass
+    info.setdefault("name", platform.processor() or platform.machine())
     return info
 
 
 def environment_info() -> dict[str, Any]:
+    cpu = _cpu_info()
     return {
         "git_sha": _git_sha(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "cpu_details": _cpu_details(),
+        "cpu": cpu.pop("name"),
+        "cpu_details": cpu,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }

@@ -13,7 +13,7 @@ after warm-up steps, reported as medians and ratios (:mod:`aro.bench.timing`):
 
 Two Muons: ``muon`` is ``torch.optim.Muon``, whose Newton-Schulz runs in bfloat16; ``muon-fp32``
 is the same update in float32, batched by shape (:mod:`aro.bench.optimizers`). On a CPU without
-bfloat16 instructions the first is emulated and about 30x slower than the second, so the
+bfloat16 instructions the first is emulated (about 16x slower on the standard model), so the
 comparison that matters there is with ``muon-fp32``; both are reported. A case predicted to take
 longer than ``max_step_s`` per step (``torch.optim.Muon``'s FLOPs at the measured bfloat16
 matmul speed) is not run, and its prediction is recorded instead.

@@ -37,6 +37,7 @@ __all__ = [
     "Scalings",
     "amax_abs",
     "apply_scalings",
+    "inverse_amax",
     "Projection",
     "SINKHORN_VARIANTS",
     "STATELESS_PROJECTIONS",
@@ -140,10 +141,9 @@ def row_norm(X: Tensor, *, eps: float = 1e-8) -> Tensor:
 
 def row_norm_scalings(X: Tensor, *, eps: float = 1e-8) -> Scalings:
     r"""The diagonal scalings of :func:`row_norm`: :math:`f(X) = D_a X`, ``b`` all ones."""
-    amax = amax_abs(X)
-    Xu = X / torch.where(amax > 0, amax, 1.0)
+    inv = inverse_amax(X)
     m, n = X.shape[-2], X.shape[-1]
-    S = Xu * Xu
+    S = (X * inv).square_()
     row_keep = _signal_masks(S, m, n)[0]
     r2 = S.sum(dim=-1)
     row_keep = row_keep & (r2 > eps * eps)
@@ -151,7 +151,7 @@ def row_norm_scalings(X: Tensor, *, eps: float = 1e-8) -> Scalings:
     # kept rows have norm sqrt(n) after scaling, so RMS = sqrt(kept / m)
     rms = (kept / m).sqrt()
     a = torch.where(row_keep, math.sqrt(n) / torch.where(row_keep, r2, 1.0).sqrt(), 0.0)
-    a = a / (torch.where(rms > 0, rms, 1.0) * torch.where(amax > 0, amax, 1.0).squeeze(-1))
+    a = a * (inv.squeeze(-1) / torch.where(rms > 0, rms, 1.0))
     return Scalings(a, torch.ones(X.shape[:-2] + (n,), dtype=X.dtype, device=X.device))
 
 
@@ -215,9 +215,7 @@ def sinkhorn_scalings(
         raise ValueError(f"Invalid sinkhorn variant: {variant!r}; expected one of {SINKHORN_VARIANTS}")
     lead, (m, n) = X.shape[:-2], X.shape[-2:]
     X = X.reshape(-1, m, n)  # one batch dimension, so that the products below are plain bmm
-    tiny = torch.finfo(X.dtype).tiny
-    # 1/max|X|, floored so that it stays finite for subnormal X (entries then stay below 1)
-    inv = amax_abs(X).clamp_min_(tiny).reciprocal_()
+    inv = inverse_amax(X)
     S = (X * inv).square_()
     floor = eps * eps
     row_keep, col_keep = _signal_masks(S, m, n)
@@ -238,6 +236,13 @@ def sinkhorn_scalings(
     rms = (torch.bmm(torch.bmm(v, ST), u.mT) / (m * n)).sqrt_()
     scale = torch.where(rms > 0, inv / torch.where(rms > 0, rms, 1.0), 0.0)
     return Scalings(u.sqrt_().mul_(scale).reshape(lead + (m,)), v.sqrt_().reshape(lead + (n,)))
+
+
+def inverse_amax(X: Tensor) -> Tensor:
+    """:math:`1/\max_{ij}|X_{ij}|` per matrix, ``(..., 1, 1)``, floored so that it stays finite:
+    for a subnormal (or zero) ``X`` it is :math:`1/\text{tiny}` and the scaled entries stay below 1.
+    Multiplying by it is twice as fast on CPU as dividing by the largest entry."""
+    return amax_abs(X).clamp_min_(torch.finfo(X.dtype).tiny).reciprocal_()
 
 
 def amax_abs(X: Tensor) -> Tensor:

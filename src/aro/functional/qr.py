@@ -150,7 +150,7 @@ def orthonormalize(
     every = A.device.type == "cpu" and bool(usable.all())
     X = A if every else torch.where(usable, A, previous)
     # A_hat = (X / max|X|) / ||X / max|X|||_F (a kept R_prev needs no scaling: its entries are <= 1);
-    # 1/max is floored so that it stays finite for subnormal A, whose entries then stay below 1
+    # 1/max is floored as in inverse_amax (the max is needed above too, so it is not recomputed)
     X = X * torch.where(usable, amax.clamp_min(torch.finfo(A.dtype).tiny).reciprocal(), 1.0)
     # A_hat + delta * R_prev: null directions of A are built from the previous frame
     delta = WARM_START * torch.finfo(A.dtype).eps / 2

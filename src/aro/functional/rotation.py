@@ -41,7 +41,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .projections import DiagonalScaling, Projection, amax_abs, lookahead, project_, unit_scale
+from .projections import DiagonalScaling, Projection, inverse_amax, lookahead, project_, unit_scale
 from .qr import DEFAULT_SHIFT, Orthonormalized, householder_qr, orthonormalize
 
 __all__ = [
@@ -82,12 +82,9 @@ class SharedStep(NamedTuple):
 
 def _common_scale(Ms: Sequence[Tensor]) -> list[Tensor]:
     """Divide all members of a unit by the same factor (the largest entry among them)."""
-    amax = amax_abs(Ms[0])
+    inv = inverse_amax(Ms[0])
     for M in Ms[1:]:
-        amax = torch.maximum(amax, amax_abs(M))
-    # times 1/max (a multiplication is twice as fast as a division on CPU), floored so that it
-    # stays finite for subnormal momenta (whose entries then stay below 1); zero stays zero
-    inv = amax.clamp_min_(torch.finfo(amax.dtype).tiny).reciprocal_()
+        inv = torch.minimum(inv, inverse_amax(M))  # 1 / the largest entry among the members
     return [M * inv for M in Ms]
 
 
