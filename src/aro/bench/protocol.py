@@ -27,6 +27,7 @@ import torch
 from .config import BenchConfig
 from .data import load_corpus
 from .metrics import mean_std, speedup
+from .optimizers import check_mode
 from .parallel import Parallel
 from .train import RunSpec, atomic_write_text, run_training
 
@@ -89,6 +90,9 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 # Fields that may grow between invocations on one run folder: more optimizers (and their
 # grids) join the same protocol, reusing the finished runs of the others.
 _EXTENDABLE = ("optimizers", "lr_grid_by_optimizer", "lr_by_optimizer")
+# Fields that change how runs execute, not what they compute: two processes of one thread each
+# may resume a folder that was started with the default thread count.
+_EXECUTION = ("out", "threads")
 
 
 def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel()) -> dict:
@@ -102,7 +106,7 @@ def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel(
     config = json.loads(json.dumps(cfg.to_dict()))
     if path.exists():
         previous = json.loads(path.read_text())["config"]
-        fixed = [k for k in config if k not in _EXTENDABLE + ("out",) and previous.get(k) != config[k]]
+        fixed = [k for k in config if k not in _EXTENDABLE + _EXECUTION and previous.get(k) != config[k]]
         clashes = [f"{k}[{name}]" for k in _EXTENDABLE[1:] for name, v in config[k].items()
                    if name in previous.get(k, {}) and previous[k][name] != v]
         if fixed or clashes:
@@ -123,6 +127,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
     """
     from .report import write_report
 
+    for name in cfg.optimizers:  # before anything is trained
+        check_mode(name, par.mode)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     corpus = load_corpus(cfg.data)

@@ -18,13 +18,10 @@ comparison that matters there is with ``muon-fp32``; both are reported. A case p
 longer than ``max_step_s`` per step (``torch.optim.Muon``'s FLOPs at the measured bfloat16
 matmul speed) is not run, and its prediction is recorded instead.
 
-FLOP model for an ``m x n`` matrix whose rotated side is ``s = min(m, n)`` and other side
-``t = max(m, n)``: the ARO step forms :math:`Z_0 = R_{t-1}^\top M`, the cross-Gram
-:math:`M f(Z_0)^\top`, :math:`Z_1 = R_t^\top M` and the update :math:`R_t f(Z_1)` (four products
-of :math:`2s^2t` each) and a QR with its Q (:math:`\tfrac83 s^3`); the eigen policy forms
-:math:`M (R^\top M)^\top` in place of the cross-Gram, at the same cost. Muon's five quintic
-Newton-Schulz iterations cost :math:`5(4s^2t + 2s^3)`. Elementwise work (Sinkhorn, momentum,
-Adam) is not counted, so the GFLOP/s figure is the matrix-multiply throughput the step achieves.
+FLOPs are each registry entry's own model (``OptimizerSpec.matrix_flops``, documented in
+:mod:`aro.bench.optimizers`), summed over the parameters the entry's method steps. Elementwise work
+(Sinkhorn, momentum, Adam) is not counted, so the GFLOP/s figure is the matrix-multiply throughput
+the step achieves.
 """
 
 from __future__ import annotations
@@ -36,10 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-import aro
-
 from .models import PRESETS, build_model
-from .optimizers import ADAMW_BETAS, ADAMW_EPS, OPTIMIZERS, build_optimizers
+from .optimizers import OPTIMIZERS, aro_flops, build_optimizers, muon_flops
 from .protocol import environment_info
 from .timing import time_interleaved, warm_allocator
 from .train import atomic_write_text
@@ -53,40 +48,6 @@ DEFAULT_DIMS = (128, 256, 512, 1024, 2048)
 TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4")
 STANDARD_PRESET = "small"  # the model of `aro bench --preset standard`
 LR, WD = 1e-3, 0.1
-
-
-def aro_flops(m: int, n: int, rotation: str = "aro", every: int = 1) -> float:
-    """Matrix-multiply FLOPs of one ARO step on an ``m x n`` matrix (module docstring), with a
-    new rotation every ``every`` steps (the update's two products every step, the rest amortized)."""
-    s, t = min(m, n), max(m, n)
-    if rotation == "identity":
-        return 0.0
-    new_rotation = 2 * 2.0 * s * s * t + 8.0 / 3.0 * s**3
-    return 2 * 2.0 * s * s * t + new_rotation / every
-
-
-def muon_flops(m: int, n: int, steps: int = 5) -> float:
-    s, t = min(m, n), max(m, n)
-    return steps * (4.0 * s * s * t + 2.0 * s**3)
-
-
-def _is_muon(name: str) -> bool:
-    return name == "muon" or (name in OPTIMIZERS and OPTIMIZERS[name].aro_options.get("base") == "newton_schulz")
-
-
-def _flops(name: str, shapes: list[tuple[int, ...]]) -> float:
-    options = OPTIMIZERS[name].aro_options if name in OPTIMIZERS else {}
-    rotation, every = options.get("rotation", "aro"), options.get("rotation_every", 1)
-    total = 0.0
-    for shape in shapes:
-        batch = 1
-        for b in shape[:-2]:
-            batch *= b
-        if _is_muon(name):
-            total += batch * muon_flops(shape[-2], shape[-1])
-        elif name != "adamw":
-            total += batch * aro_flops(shape[-2], shape[-1], rotation, every)
-    return total
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
@@ -111,13 +72,6 @@ def _stepper(opts: list[torch.optim.Optimizer]) -> Callable[[], None]:
             o.step()
 
     return step
-
-
-def steps_per_call(name: str) -> int:
-    """A periodic optimizer (``rotation_every=k``) is timed over k consecutive steps per call, so
-    that its figure is the amortized cost per step (a median over single steps would pick the
-    cheap steps between refreshes)."""
-    return int(OPTIMIZERS[name].aro_options.get("rotation_every", 1)) if name in OPTIMIZERS else 1
 
 
 def _repeated(fn: Callable[[], None], k: int) -> Callable[[], None]:
@@ -145,8 +99,10 @@ def matmul_gflops(s: int, t: int, *, dtype: torch.dtype = torch.float32, warmup:
 
 
 class _Cases:
-    """Times a set of named steps interleaved, skipping ``torch.optim.Muon`` where its bfloat16
-    Newton-Schulz is predicted to take longer than ``max_step_s`` per step."""
+    """Times a set of named steps interleaved, skipping an optimizer whose products run in
+    bfloat16 (``torch.optim.Muon``'s Newton-Schulz, say) where they are predicted to take longer
+    than ``max_step_s`` per step at the measured bfloat16 matmul speed (emulated on CPUs without
+    bfloat16 instructions)."""
 
     def __init__(self, *, warmup: int, repeats: int, budget_s: float, slow_s: float, max_step_s: float,
                  bf16_gflops: float | None):
@@ -155,12 +111,13 @@ class _Cases:
 
     def run(self, steps: dict[str, Callable[[], None]], flops: dict[str, float], warmup: int | None = None) -> dict:
         skipped = {}
-        if "muon" in steps and self.bf16_gflops:
-            predicted = flops.get("muon", 0.0) / (self.bf16_gflops * 1e9)
-            if predicted > self.max_step_s:
-                skipped["muon"] = (f"not run: predicted {predicted:.0f} s per step ({flops['muon'] / 1e9:.0f} GFLOP "
-                                   f"of bfloat16 Newton-Schulz at the measured {self.bf16_gflops:.1f} GFLOP/s)")
-        per_call = {k: steps_per_call(k) for k in steps}
+        for k in steps:
+            if OPTIMIZERS[k].products_dtype == torch.bfloat16 and self.bf16_gflops:
+                predicted = flops.get(k, 0.0) / (self.bf16_gflops * 1e9)
+                if predicted > self.max_step_s:
+                    skipped[k] = (f"not run: predicted {predicted:.0f} s per step ({flops[k] / 1e9:.0f} GFLOP of "
+                                  f"bfloat16 products at the measured {self.bf16_gflops:.1f} GFLOP/s)")
+        per_call = {k: OPTIMIZERS[k].steps_per_call for k in steps}
         timings = time_interleaved({k: _repeated(v, per_call[k]) for k, v in steps.items() if k not in skipped},
                                    warmup=self.warmup if warmup is None else warmup, repeats=self.repeats,
                                    budget_s=self.budget_s, slow_s=self.slow_s)
@@ -182,26 +139,21 @@ def bench_presets(presets: list[str], names: list[str], cases: _Cases) -> list[d
             opts = build_optimizers(name, model, LR, WD)
             steppers[name], opts_by_name[name] = _stepper(opts), opts
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        hidden = [p.shape for _, (p, role) in aro.classify_parameters(model).items() if role == "matrix"]
-        flops = {k: _flops(k, hidden) for k in names}
+        flops = {k: OPTIMIZERS[k].step_flops(model) for k in names}
         row = {"preset": preset, "parameters": sum(p.numel() for p in model.parameters())}
         row.update(cases.run(steppers, flops))
         row["state_bytes_per_param_byte"] = {k: state_bytes(opts_by_name[k]) / param_bytes for k in row["step_ms"]}
-        row["hidden_matrix_gflops"] = {k: flops[k] / row["step_ms"][k] / 1e6 for k in row["step_ms"] if k != "adamw"}
+        row["hidden_matrix_gflops"] = {k: flops[k] / row["step_ms"][k] / 1e6 for k in row["step_ms"] if flops[k]}
         out.append(row)
     return out
 
 
 def _matrix_optimizer(name: str, p: nn.Parameter) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW([p], lr=LR, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=WD)
-    if name == "muon":
-        return torch.optim.Muon([p], lr=LR, weight_decay=WD, adjust_lr_fn="match_rms_adamw")
-    options = {k: v for k, v in OPTIMIZERS[name].aro_options.items() if k not in ("mode", "sharing")}
-    if OPTIMIZERS[name].aro_options.get("sharing", "none") != "none":
+    build = OPTIMIZERS[name].build_matrix
+    if build is None:
         raise ValueError(f"stepbench --optimizers: {name!r} shares rotations across matrices; "
                          "it has no single-matrix form (use it in the preset section)")
-    return aro.ARO([p], lr=LR, weight_decay=WD, **options)
+    return build(p, LR, WD)
 
 
 def bench_matrices(dims: list[int], names: list[str], cases: _Cases) -> list[dict]:
@@ -213,11 +165,11 @@ def bench_matrices(dims: list[int], names: list[str], cases: _Cases) -> list[dic
                 p = nn.Parameter(torch.randn(m, n) / n**0.5)
                 _random_grads([p], seed=2)
                 steppers[name] = _stepper([_matrix_optimizer(name, p)])
-            flops = {k: _flops(k, [(m, n)]) for k in names}
+            flops = {k: OPTIMIZERS[k].matrix_flops(m, n) for k in names}
             row = {"m": m, "n": n, "d": d}
             row.update(cases.run(steppers, flops, warmup=max(1, cases.warmup - 1)))
             peak = matmul_gflops(min(m, n), max(m, n))
-            achieved = {k: flops[k] / v / 1e6 for k, v in row["step_ms"].items() if k != "adamw"}
+            achieved = {k: flops[k] / v / 1e6 for k, v in row["step_ms"].items() if flops[k]}
             row.update({"matmul_gflops": peak, "gflops": achieved,
                         "roofline_fraction": {k: v / peak for k, v in achieved.items()}})
             out.append(row)
@@ -233,8 +185,7 @@ def bench_train_step(preset: str, names: list[str], cases: _Cases, *, batch_size
     for name in names:
         model = build_model(preset, seed=0)
         opts = build_optimizers(name, model, LR, WD)
-        hidden = [p.shape for _, (p, role) in aro.classify_parameters(model).items() if role == "matrix"]
-        flops[name] = _flops(name, hidden)
+        flops[name] = OPTIMIZERS[name].step_flops(model)
 
         def step(model=model, opts=opts) -> None:
             for o in opts:
@@ -305,7 +256,7 @@ def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int],
         torch.set_num_threads(threads)
     if warm:
         warm_allocator()
-    bf16 = matmul_gflops(256, 1024, dtype=torch.bfloat16, warmup=1, repeats=3) if "muon" in optimizers else None
+    bf16 = matmul_gflops(256, 1024, dtype=torch.bfloat16, warmup=1, repeats=3) if any(OPTIMIZERS[n].products_dtype == torch.bfloat16 for n in optimizers) else None
     cases = _Cases(warmup=warmup, repeats=repeats, budget_s=budget_s, slow_s=slow_s, max_step_s=max_step_s,
                    bf16_gflops=bf16)
     result: dict = {"environment": environment_info(), "optimizers": optimizers,
@@ -314,7 +265,7 @@ def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int],
                     "matmul_gflops_256x1024": {"float32": matmul_gflops(256, 1024), "bfloat16": bf16}}
     progress(f"presets: {presets}")
     result["presets"] = bench_presets(presets, optimizers, cases)
-    single = [n for n in optimizers if OPTIMIZERS[n].aro_options.get("sharing", "none") == "none"]
+    single = [n for n in optimizers if OPTIMIZERS[n].build_matrix is not None]
     progress(f"matrices: d in {dims}")
     result["matrices"] = bench_matrices(dims, single, cases)
     if train_preset:

@@ -30,7 +30,7 @@ import torch
 from .config import BenchConfig
 from .data import Corpus
 from .models import build_model, lm_loss
-from .optimizers import build_optimizers
+from .optimizers import build_optimizers, check_mode
 from .parallel import Parallel
 
 __all__ = ["RunSpec", "atomic_write_text", "lr_factor", "run_training"]
@@ -107,8 +107,7 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % par.world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {par.world} ranks; use a multiple")
-    if par.mode == "fsdp2" and spec.optimizer == "muon":
-        raise ValueError("--optimizers muon: torch.optim.Muon cannot step FSDP2-sharded matrices; use --parallel ddp")
+    check_mode(spec.optimizer, par.mode)
 
     model = build_model(cfg.model, spec.seed)
     train_model = par.wrap(model)
