@@ -4,6 +4,7 @@
     aro bench --preset standard              # the whole protocol, about 2 hours on 2 cores
     aro bench --optimizers adamw,aro-sign --steps 200 --lr-grid 2e-3,4e-3 --out runs/mine
     aro report runs/bench-quick              # rebuild summary and figures from the logs
+    aro bench --preset budgets --out benchmarks/results/budgets/tiny   # speedup against training budget
     aro stepbench --out benchmarks/results/stepbench-cpu.json   # optimizer-step cost, side by side
     aro distbench --worlds 1,2,3 --modes ddp,fsdp2               # per-rank step time and work split
     aro diagnose --out docs/figures                              # the paper's rotation analyses
@@ -43,10 +44,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import format_table, write_report
+    from pathlib import Path
 
-    summary = write_report(args.run_dir)
-    print(format_table(summary))
+    from .report import combined_budget_figure, format_table, write_report
+
+    for run_dir in args.run_dirs:
+        if not (Path(run_dir) / "config.json").exists():
+            raise ValueError(f"{run_dir}: not a run folder (no config.json); give the --out folder of an aro bench run")
+    for run_dir in args.run_dirs:
+        summary = write_report(Path(run_dir))
+        print(f"{run_dir}\n{format_table(summary)}")
+    if args.budget_figure:
+        combined_budget_figure([Path(d) for d in args.run_dirs], Path(args.budget_figure))
+        print(f"\nbudget figure: {args.budget_figure}")
     return 0
 
 
@@ -153,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data parallelism under torchrun (see aro.bench.parallel)")
     bench.set_defaults(func=_bench)
     report = sub.add_parser("report", help="rebuild summary.json/csv and figures from a run folder's logs")
-    report.add_argument("run_dir")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (aro bench --out)")
+    report.add_argument("--budget-figure", metavar="PNG",
+                        help="also draw speedup against budget for all RUN_DIRs in one figure (one row each)")
     report.set_defaults(func=_report)
     _add_stepbench(sub)
     _add_distbench(sub)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .budget import budget_unit, steps_for_budget
 from .models import PRESETS as MODEL_PRESETS
 from .optimizers import OPTIMIZERS
 
@@ -47,6 +48,11 @@ class BenchConfig:
     eval_batches: int = 8
     precision: str = "fp32"  # "fp32" or "bf16" (autocast, float32 master weights)
     overtrain: tuple[int, ...] = (1,)  # budgets as multiples of `steps`
+    # budgets in the paper's unit, multiples of 20 tokens per parameter (aro.bench.budget); when
+    # given, `steps` is budget 1's step count, lrs are swept there and reused at the others
+    budgets: tuple[float, ...] = ()
+    budget_seeds: int = 2  # seeds at every budget but 1 (which runs `seeds`)
+    tokens_per_parameter: float = 20.0  # one budget unit (Chinchilla's compute-optimal ratio)
     threads: int = 0  # torch threads; 0 keeps torch's default
     out: str | None = None  # run folder; default runs/bench-<preset>
 
@@ -86,10 +92,27 @@ class BenchConfig:
             raise ValueError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
         if any(k < 1 for k in self.overtrain) or 1 not in self.overtrain:
             raise ValueError("--overtrain multiples must be >= 1 and include 1")
+        if self.budgets:
+            if 1 not in self.budgets or any(not k > 0 for k in self.budgets):
+                raise ValueError(f"--budgets {','.join(map(str, self.budgets))}: budgets must be > 0 and include 1 "
+                                 "(learning rates are swept at budget 1)")
+            if self.overtrain != (1,):
+                raise ValueError("--budgets and --overtrain both set budgets; give one of them")
+            if self.tokens_per_parameter <= 0:
+                raise ValueError(f"--tokens-per-parameter must be > 0, got {self.tokens_per_parameter}")
+            if self.steps != self.budget_steps(1):
+                raise ValueError(f"--steps {self.steps} does not match --budgets: budget 1 of {self.model} at batch "
+                                 f"{self.batch_size} is {self.budget_steps(1)} steps; leave --steps out")
+            if self.budget_seeds < 1:
+                raise ValueError(f"--budget-seeds must be >= 1, got {self.budget_seeds}")
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/bench-{self.preset}")
+
+    def budget_steps(self, budget: float) -> int:
+        """Steps of ``budget`` x ``tokens_per_parameter`` tokens per parameter for this model and batch."""
+        return steps_for_budget(budget, budget_unit(self.model, self.batch_size, self.tokens_per_parameter))
 
     def lr_candidates(self, optimizer: str) -> tuple[float, ...]:
         if self.lr is not None:
@@ -115,6 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizers=(
             "adamw", "muon", "sinkgd", "eigen-sinkhorn", "eigen-adam",
             "aro-sinkhorn", "aro-sign", "aro-adam", "aro-rownorm", "aro-sinkhorn-full",
+            "soap", "normuon", "adamuon", "dion",
         ),
         steps=600,
         seeds=3,
@@ -123,7 +147,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 2e-3 while Muon and ARO-Sinkhorn did best near 1.6e-2 (the "lr transfer" of SPEC §7
         # does not hold at this scale; see the README).
         lr_grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2),
-        lr_grid_by_optimizer={"adamw": (5e-4, 1e-3, 2e-3, 4e-3)},
+        # SOAP's update has Adam's scale (not RMS-matched), so it shares AdamW's grid.
+        lr_grid_by_optimizer={"adamw": (5e-4, 1e-3, 2e-3, 4e-3), "soap": (5e-4, 1e-3, 2e-3, 4e-3)},
+    ),
+    # Speedup against the training budget, in the paper's unit (README "Speedup against training
+    # budget" gives the ladder's machine-hours and the commands for the small and MoE models:
+    # the same preset with --model small --budgets 1 and --model moe-small --budgets 1).
+    "budgets": dict(
+        optimizers=("adamw", "muon", "aro-sinkhorn", "soap", "eigen-adam", "aro-sinkhorn-full"),
+        model="tiny",
+        budgets=(0.5, 1.0, 2.0, 4.0, 8.0),
+        seeds=3,
+        budget_seeds=2,
+        eval_every=100,
+        lr_grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2),
+        lr_grid_by_optimizer={"adamw": (5e-4, 1e-3, 2e-3, 4e-3), "soap": (5e-4, 1e-3, 2e-3, 4e-3)},
     ),
     # CI smoke test: seconds.
     "smoke": dict(optimizers=("aro-sinkhorn", "adamw"), model="tiny", steps=12, seeds=1, batch_size=4, eval_every=4,
@@ -142,6 +180,12 @@ def resolve(preset: str, overrides: dict[str, Any]) -> BenchConfig:
     values = {**PRESETS[preset], **overrides, "preset": preset}
     if ("lr" in overrides or "lr_grid" in overrides) and "lr_by_optimizer" not in overrides:
         values["lr_by_optimizer"] = {}  # an explicit lr or grid replaces the preset's fixed lrs
+    if values.get("budgets"):
+        if "steps" in overrides:
+            raise ValueError("--steps and --budgets: give one (the steps follow from the budget and the batch)")
+        model = values.get("model", BenchConfig.model)
+        unit = (values.get("batch_size", BenchConfig.batch_size), values.get("tokens_per_parameter", 20.0))
+        values["steps"] = steps_for_budget(1, budget_unit(model, *unit)) if model in MODEL_PRESETS else 1
     if "lr_grid" in overrides and "lr_grid_by_optimizer" not in overrides:
         values["lr_grid_by_optimizer"] = {}  # ... and the preset's per-optimizer grids
     return BenchConfig(**values)
@@ -219,7 +263,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         data = json.loads(Path(args.config).read_text())
         if not isinstance(data, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object")
-        for key in ("optimizers", "lr_grid", "overtrain"):
+        for key in ("optimizers", "lr_grid", "overtrain", "budgets"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         if isinstance(data.get("lr_grid_by_optimizer"), dict):

@@ -51,7 +51,10 @@ import aro
 
 from .dion import Dion, dion_rank
 
-__all__ = ["ADAMW_BETAS", "OPTIMIZERS", "OptimizerSpec", "build_optimizers", "check_mode"]
+__all__ = ["ADAMW_BETAS", "BASELINES", "OPTIMIZERS", "OptimizerSpec", "build_optimizers", "check_mode"]
+
+# The entries every summary compares the others with (speedups, paired intervals).
+BASELINES = ("adamw", "muon")
 
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8

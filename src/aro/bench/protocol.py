@@ -6,7 +6,8 @@
 2. **Choice** -- each optimizer's lr is the one with the best final validation loss at seed 0.
 3. **Seeds** -- seeds 1 .. n-1 at the chosen lr. Seed s fixes both the initial weights and the
    data order, identical for every optimizer.
-4. **Overtraining** -- optional budgets k x S at the chosen lr, all seeds.
+4. **Overtraining** -- optional budgets k x S at the chosen lr, all seeds; or budgets in the
+   paper's unit (``--budgets``, :mod:`aro.bench.ladder`): lrs swept at budget 1 and reused.
 
 Everything in ``summary.json`` is computed from the run logs by :func:`summarize`, which is
 also what ``aro report`` calls.
@@ -27,13 +28,14 @@ import torch
 from .config import BenchConfig
 from .data import load_corpus
 from .metrics import mean_std, speedup
-from .optimizers import check_mode
+from .ladder import add_budget_blocks, ladder_runs
+from .optimizers import BASELINES, check_mode
 from .parallel import Parallel
+from .stats import paired_difference, paired_ratio
 from .train import RunSpec, atomic_write_text, run_training
 
 __all__ = ["BASELINES", "environment_info", "run_benchmark", "summarize"]
 
-BASELINES = ("adamw", "muon")
 
 
 def _git_sha() -> str | None:
@@ -157,6 +159,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
                 if k == 1 and seed == 0:
                     continue
                 run(RunSpec(name, chosen[name], seed, k * cfg.steps))
+    for spec in ladder_runs(cfg, chosen):
+        run(spec)
     par.barrier()
     summary = summarize(out, write=par.is_main)
     if par.is_main:
@@ -249,9 +253,10 @@ def summarize(out: Path, write: bool = True) -> dict:
                 continue
             if steps == base_steps:
                 entry.update(block)
-            else:
+            elif not cfg.get("budgets"):
                 entry.setdefault("overtrain", {})[str(steps // base_steps)] = block
         summary["optimizers"][name] = entry
+    add_budget_blocks(summary, cfg, chosen, find, _budget_block)
     if write:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
         atomic_write_text(out / "summary.csv", _csv(summary))
@@ -272,6 +277,7 @@ def _budget_block(name, lr, steps, chosen, find) -> dict | None:
         "optimizer_stats": mine[seeds[0]]["optimizer_stats"],
         "speedup": {},
         "final_loss_diff": {},
+        "paired": {},
         "step_time_ratio": {},
     }
     for base in BASELINES:
@@ -287,6 +293,11 @@ def _budget_block(name, lr, steps, chosen, find) -> dict | None:
                  else mine[s]["final_val_loss"] - theirs[s]["final_val_loss"] for s in common]
         block["speedup"][base] = mean_std(ups)
         block["final_loss_diff"][base] = mean_std(diffs)
+        block["paired"][base] = {
+            "final_loss_diff": paired_difference([mine[s]["final_val_loss"] for s in common],
+                                                 [theirs[s]["final_val_loss"] for s in common]),
+            "speedup": paired_ratio(ups),
+        }
         their_time = _median([theirs[s]["step_time_s"] for s in common])
         if their_time and block["step_time_s"]:
             block["step_time_ratio"][base] = block["step_time_s"] / their_time
@@ -304,7 +315,10 @@ def _csv(summary: dict) -> str:
             "optimizer_step_time_s", "n_seeds"]
     rows = [",".join(cols)]
     for name, e in summary["optimizers"].items():
-        blocks = [("1", e)] + sorted((e.get("overtrain") or {}).items(), key=lambda kv: int(kv[0]))
+        if len(e.get("budgets") or {}) > 1:  # a ladder in the paper's unit
+            blocks = sorted(e["budgets"].items(), key=lambda kv: kv[1]["budget"])
+        else:
+            blocks = [("1", e)] + sorted((e.get("overtrain") or {}).items(), key=lambda kv: int(kv[0]))
         for budget, b in blocks:
             if "final_val_loss" not in b:
                 continue

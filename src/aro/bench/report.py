@@ -4,7 +4,8 @@
   seeds, band = min..max), base budget;
 * ``figures/speedup.png`` -- speedup vs AdamW and vs Muon, mean with std error bars;
 * ``figures/lr_sweep.png`` -- final validation loss against lr (seed 0), chosen lr marked;
-* ``figures/overtrain.png`` -- speedup against budget, when overtraining budgets ran.
+* ``figures/overtrain.png`` -- speedup against budget, when overtraining budgets ran;
+* ``figures/budgets.png`` -- speedup against the budget in the paper's unit (``--budgets``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from .protocol import BASELINES, _load_runs, summarize
 
-__all__ = ["format_table", "write_report"]
+__all__ = ["budget_figure", "combined_budget_figure", "format_budget_table", "format_table", "write_report"]
 
 
 def _plt():
@@ -59,7 +60,41 @@ def format_table(summary: dict) -> str:
     n = summary.get("seeds")
     text.append(f"mean±std over {n} seed(s); speedup = steps of the baseline / steps to reach its final val loss;"
                 " * = chosen lr at the edge of the grid")
+    if any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values()):
+        text += ["", format_budget_table(summary)]
     return "\n".join(text)
+
+
+def _interval(p: dict | None) -> str:
+    if not p or p.get("mean") is None:
+        return "-"
+    if p.get("low") is None:
+        return f"{p['mean']:.3f}"
+    return f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]{'*' if p['significant'] else ''}"
+
+
+def format_budget_table(summary: dict) -> str:
+    """One row per optimizer and budget: final loss, paired speedups with 95% intervals, the
+    schedule-fair speedups."""
+    head = ["optimizer", "budget", "seeds", "final val loss"] + [f"speedup vs {b} [95%]" for b in BASELINES] + [
+        f"fair vs {b}" for b in BASELINES]
+    rows = []
+    for name, e in summary["optimizers"].items():
+        for key, b in sorted((e.get("budgets") or {}).items(), key=lambda kv: kv[1]["budget"]):
+            fair = b.get("schedule_fair_speedup", {})
+            bounds = b.get("schedule_fair_bound", {})
+            cells = ["-" if base == name else _interval(b.get("paired", {}).get(base, {}).get("speedup"))
+                     for base in BASELINES]
+            cells += [f"{fair[base]:.3f}" if fair.get(base) is not None else
+                      (f">={bounds[base]['at_least']:.2f}" if "at_least" in (bounds.get(base) or {}) else
+                       f"<={bounds[base]['at_most']:.2f}" if "at_most" in (bounds.get(base) or {}) else "-")
+                      for base in BASELINES]
+            rows.append([name, key, str(len(b["seeds"])), _fmt(b["final_val_loss"], 4)] + cells)
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + [
+        "budget in units of the compute-optimal data (20 tokens per parameter); speedup: crossing metric, geometric "
+        "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup"])
 
 
 def write_report(out: Path, summary: dict | None = None) -> dict:
@@ -73,7 +108,9 @@ def write_report(out: Path, summary: dict | None = None) -> dict:
     _val_loss_figure(plt, summary, runs, figs / "val_loss.png")
     _speedup_figure(plt, summary, figs / "speedup.png")
     _sweep_figure(plt, summary, figs / "lr_sweep.png")
-    if len(summary["budgets"]) > 1:
+    if any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values()):
+        budget_figure(plt, {out.name: summary}, figs / "budgets.png")
+    elif len(summary["budgets"]) > 1:
         _overtrain_figure(plt, summary, figs / "overtrain.png")
     (out / "report.txt").write_text(format_table(summary) + "\n")
     return summary
@@ -177,5 +214,43 @@ def _overtrain_figure(plt, summary, path):
     plt.close(fig)
 
 
-def load_summary(out: Path) -> dict:
-    return json.loads((Path(out) / "summary.json").read_text())
+def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
+    """The paper's Figure 1, ours: speedup against the training budget (20 tokens per parameter =
+    1), one row per run folder (e.g. the dense and the MoE model), one column per baseline. Solid:
+    the crossing speedup, mean ± std over seeds; dashed, open markers: the schedule-fair speedup
+    (:mod:`aro.bench.ladder`)."""
+    rows = list(summaries.items())
+    fig, axes = plt.subplots(len(rows), len(BASELINES), figsize=(11, 4.3 * len(rows)), squeeze=False)
+    names = list(dict.fromkeys(n for _, s in rows for n in s["optimizers"]))
+    colors = _colors(names)
+    for (label, summary), row in zip(rows, axes):
+        for ax, base in zip(row, BASELINES):
+            for name, e in summary["optimizers"].items():
+                blocks = sorted((e.get("budgets") or {}).values(), key=lambda b: b["budget"])
+                pts = [(b["budget"], b["speedup"][base]) for b in blocks
+                       if b.get("speedup", {}).get(base, {}).get("mean") is not None]
+                if pts and name != base:
+                    ax.errorbar([k for k, _ in pts], [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts],
+                                marker="o", capsize=3, label=name, color=colors[name])
+                fair = [(b["budget"], b["schedule_fair_speedup"].get(base)) for b in blocks
+                        if b.get("schedule_fair_speedup", {}).get(base) is not None]
+                if fair:
+                    ax.plot([k for k, _ in fair], [v for _, v in fair], "--", marker="o", mfc="white",
+                            color=colors[name])
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log", base=2)
+            tpp = summary.get("budget_unit", {}).get("tokens_per_parameter", 20.0)
+            ax.set_xlabel(f"training budget (x {tpp:g} tokens per parameter)")
+            ax.set_title(f"{label}: speedup vs {base} (solid: crossing, dashed: schedule-fair)", fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def combined_budget_figure(run_dirs: list[Path], path: Path) -> None:
+    """:func:`budget_figure` over several run folders (each row labelled by its folder name)."""
+    summaries = {Path(d).name: json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
+    budget_figure(_plt(), summaries, Path(path))

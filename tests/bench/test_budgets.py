@@ -1,0 +1,162 @@
+"""Budgets in the paper's unit, the ladder protocol and the paired statistics."""
+
+import json
+import math
+
+import pytest
+
+from aro.bench import protocol
+from aro.bench.budget import budget_of_steps, budget_unit, count_parameters, steps_for_budget
+from aro.bench.config import resolve
+from aro.bench.ladder import ladder_runs, schedule_fair_bound, schedule_fair_speedup
+from aro.bench.models import build_model
+from aro.bench.stats import paired_difference, paired_ratio, t_quantile
+
+
+# ---------------------------------------------------------------- budget arithmetic
+def test_parameters_are_counted_once_with_embeddings():
+    model = build_model("tiny", 0)
+    counts = count_parameters(model)
+    assert counts["all"] == sum(p.numel() for p in model.parameters())
+    cfg = model.cfg
+    embeddings = cfg.vocab_size * cfg.d_model + cfg.seq_len * cfg.d_model + cfg.d_model * cfg.vocab_size
+    assert counts["non_embedding"] == counts["all"] - embeddings
+    tied = count_parameters(build_model("small-tied", 0))
+    assert tied["all"] == sum(p.numel() for p in build_model("small-tied", 0).parameters())  # the tied tensor once
+
+
+def test_budget_to_steps():
+    unit = budget_unit("tiny", 16)
+    n = count_parameters(build_model("tiny", 0))["all"]
+    assert unit["parameters"] == n and unit["tokens_per_step"] == 16 * 64
+    assert steps_for_budget(1, unit) == round(20 * n / (16 * 64))
+    assert steps_for_budget(8, unit) == round(8 * 20 * n / (16 * 64))
+    assert steps_for_budget(1e-9, unit) == 1
+    assert budget_of_steps(steps_for_budget(4, unit), unit) == pytest.approx(4, rel=1e-3)
+    half = budget_unit("tiny", 16, tokens_per_parameter=10)
+    assert steps_for_budget(2, half) == steps_for_budget(1, unit)
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        steps_for_budget(0, unit)
+    with pytest.raises(ValueError, match="tokens-per-parameter"):
+        budget_unit("tiny", 16, tokens_per_parameter=0)
+
+
+def test_config_derives_steps_from_budget_one():
+    cfg = resolve("budgets", {})
+    assert cfg.steps == cfg.budget_steps(1) == steps_for_budget(1, budget_unit("tiny", 16))
+    assert resolve("budgets", {"model": "small", "budgets": (1.0,)}).steps == steps_for_budget(1, budget_unit("small", 16))
+    with pytest.raises(ValueError, match="--steps and --budgets"):
+        resolve("budgets", {"steps": 100})
+    with pytest.raises(ValueError, match="include 1"):
+        resolve("budgets", {"budgets": (2.0, 4.0)})
+    with pytest.raises(ValueError, match="give one of them"):
+        resolve("budgets", {"overtrain": (1, 2)})
+
+
+def test_ladder_order_and_lr_check():
+    cfg = resolve("budgets", {"optimizers": ("adamw", "muon"), "budgets": (0.5, 1.0, 2.0)})
+    specs = ladder_runs(cfg, {"adamw": 1e-3, "muon": 1.6e-2})
+    steps = [s.steps for s in specs]
+    assert steps[:4] == [cfg.budget_steps(0.5)] * 4 and steps[4:8] == [cfg.budget_steps(2)] * 4
+    assert [(s.optimizer, s.seed) for s in specs[:4]] == [("adamw", 0), ("muon", 0), ("adamw", 1), ("muon", 1)]
+    checks = specs[8:]
+    assert {(s.optimizer, s.lr) for s in checks} == {("adamw", 5e-4), ("adamw", 2e-3), ("muon", 8e-3),
+                                                      ("muon", 3.2e-2)}
+    assert all(s.seed == 0 and s.steps == cfg.budget_steps(2) for s in checks)
+
+
+# ---------------------------------------------------------------- paired statistics
+def test_t_quantile_known_values():
+    assert t_quantile(2) == pytest.approx(4.302653, rel=1e-6)
+    assert t_quantile(10) == pytest.approx(2.228139, rel=1e-6)
+    assert t_quantile(10**6) == pytest.approx(1.959964, rel=1e-5)
+
+
+def test_paired_difference_on_synthetic_seeds():
+    # the seed effect (1, 5, 9) is shared and cancels: the differences are exactly 0.5
+    x = [1.5, 5.5, 9.5]
+    b = [1.0, 5.0, 9.0]
+    p = paired_difference(x, b)
+    assert p["mean"] == pytest.approx(0.5) and p["low"] == pytest.approx(0.5) and p["significant"]
+    # differences 1, 2, 3: mean 2, half-width t(2) * 1 / sqrt(3)
+    p = paired_difference([1, 2, 3], [0, 0, 0])
+    half = 4.302653 / math.sqrt(3)
+    assert (p["low"], p["high"]) == (pytest.approx(2 - half, rel=1e-6), pytest.approx(2 + half, rel=1e-6))
+    assert p["significant"] is False
+    # missing seeds are dropped pairwise; one pair gives no interval
+    p = paired_difference([1.0, None], [0.5, 0.2])
+    assert p["n"] == 1 and p["significant"] is None and p["mean"] == pytest.approx(0.5)
+
+
+def test_paired_ratio_is_geometric():
+    p = paired_ratio([2.0, 0.5])
+    assert p["mean"] == pytest.approx(1.0) and p["significant"] is False
+    p = paired_ratio([1.2, 1.2, 1.2])
+    assert p["mean"] == pytest.approx(1.2) and p["low"] == pytest.approx(1.2) and p["significant"]
+    p = paired_ratio([1.1, 1.3, 1.2])
+    logs = [math.log(v) for v in (1.1, 1.3, 1.2)]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / 2)
+    assert p["high"] == pytest.approx(math.exp(mean + 4.302653 * sd / math.sqrt(3)), rel=1e-6)
+
+
+# ---------------------------------------------------------------- schedule-fair speedup
+def test_schedule_fair_speedup_interpolates_in_log_budget():
+    ladder = [(1.0, 3.0), (2.0, 2.8), (4.0, 2.7)]
+    assert schedule_fair_speedup(4.0, 2.8, ladder) == pytest.approx(2.0)  # X reaches it at K* = 2
+    assert schedule_fair_speedup(2.0, 2.9, ladder) == pytest.approx(2.0 / math.sqrt(2))  # K* = sqrt(2)
+    assert schedule_fair_speedup(2.0, 3.5, ladder) is None
+    assert schedule_fair_bound(2.0, 3.5, ladder) == {"at_least": 2.0}
+    assert schedule_fair_bound(8.0, 2.0, ladder) == {"at_most": 2.0}
+    assert schedule_fair_bound(2.0, 2.9, ladder) is None
+
+
+# ---------------------------------------------------------------- the ladder end to end
+TINY_LADDER = dict(optimizers=("adamw", "muon", "aro-sinkhorn"), budgets=(0.5, 1.0, 2.0), tokens_per_parameter=0.01,
+                   batch_size=2, seeds=2, budget_seeds=2, eval_every=5, eval_batches=1, lr_grid=(2e-3, 8e-3),
+                   lr_grid_by_optimizer={})
+
+
+def test_half_finished_ladder_resumes_without_redoing_runs(tmp_path, monkeypatch):
+    cfg = resolve("budgets", {**TINY_LADDER, "out": str(tmp_path)})
+    real = protocol.run_training
+    trained = []
+
+    def run(cfg, spec, *args, **kwargs):
+        if not (args[1] / "result.json").exists():
+            trained.append(spec.name)
+            if stop_after is not None and len(trained) > stop_after:
+                raise KeyboardInterrupt("killed")
+        return real(cfg, spec, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "run_training", run)
+    stop_after = 15
+    with pytest.raises(KeyboardInterrupt):
+        protocol.run_benchmark(cfg, progress=False)
+    first = trained[:15]
+    trained.clear()
+    stop_after = None
+    summary = protocol.run_benchmark(cfg, progress=False)
+    assert not set(first) & set(trained[1:])  # nothing finished is redone (the killed run restarts)
+    finished = {p.parent.name for p in tmp_path.glob("runs/*/result.json")}
+    assert set(first) | set(trained) == finished
+
+    # the summary schema
+    unit = summary["budget_unit"]
+    assert unit["tokens_per_parameter"] == 0.01 and unit["parameters"] == count_parameters(build_model("tiny", 0))["all"]
+    assert unit["which_parameters"].startswith("all")
+    for name in TINY_LADDER["optimizers"]:
+        entry = summary["optimizers"][name]
+        assert "final_val_loss" in entry and "speedup" in entry and "paired" in entry  # today's schema kept
+        assert set(entry["budgets"]) == {"0.5", "1", "2"}
+        one = entry["budgets"]["1"]
+        assert one["lr"] == entry["lr"] and len(one["final_val_loss"]["per_seed"]) == 2
+        assert set(one["final_val_loss"]) >= {"mean", "std", "per_seed"}
+        assert set(one["speedup"]) == {"adamw", "muon"} and set(one["speedup"]["muon"]) >= {"mean", "std"}
+        assert set(one["paired"]["adamw"]) == {"final_loss_diff", "speedup"}
+        assert set(one["schedule_fair_speedup"]) == {"adamw", "muon"} - {name}
+        two = entry["budgets"]["2"]
+        assert two["steps"] == cfg.budget_steps(2) and len(two["lr_check"]) == 3
+        assert isinstance(two["lr_transfers"], bool)
+    assert (tmp_path / "figures" / "budgets.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text()) == protocol.summarize(tmp_path)
