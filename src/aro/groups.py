@@ -17,8 +17,9 @@ norm gain, bias      ndim < 2                         AdamW
 ===================  ==============================  ==================
 
 *Hybrid* is the paper's standard comparison (ARO on hidden matrices only); *full* runs ARO on
-every matrix, embeddings and LM head included (SPEC §6). Every parameter lands in exactly one
-group; the result is checked against ``model.parameters()``.
+every matrix, embeddings and LM head included (SPEC §6). Norm gains and biases get no weight
+decay by default (``no_decay``). Every parameter lands in exactly one group; the result is
+checked against ``model.parameters()``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from .sharing import SHARING_MODES, plan_residual_stream, sharing_specs, warn_unshared
 
-__all__ = ["MODES", "classify_parameters", "param_groups"]
+__all__ = ["MODES", "NO_DECAY_ROLES", "classify_parameters", "param_groups"]
 
 MODES = ("hybrid", "full")
 _ROUTER_NAMES = ("router", "gate")
@@ -88,29 +89,43 @@ def _find_head(model: nn.Module, vocab: int) -> nn.Module | None:
     return last
 
 
-def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none", **overrides: Any) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none",
+                 no_decay: tuple[str, ...] = ("vector",), **overrides: Any) -> list[dict[str, Any]]:
     """Param groups for :class:`aro.ARO` (and any optimizer taking named param groups).
 
     Args:
-        model: the model.
+        model: the model (an ``nn.Module``; its roles come from its modules, so a parameter
+            list cannot be classified).
         mode: ``"hybrid"`` (embeddings, LM head and routers on AdamW) or ``"full"`` (ARO on
             every matrix).
         sharing: ``"none"`` (a rotation per matrix), ``"global"`` (one rotation for the
             residual stream) or ``"chain"`` (a rotation between consecutive blocks); see
             :mod:`aro.sharing`. Matrices the plan cannot place keep their own rotation and are
             listed in one warning.
+        no_decay: roles whose parameters get ``weight_decay=0``: by default ``("vector",)``,
+            norm gains and biases, as Hugging Face and nanoGPT do; add ``"embedding"`` (and
+            ``"head"``, ``"router"``) to spare those too, or pass ``()`` to decay everything
+            with the optimizer's ``weight_decay``.
         **overrides: hyperparameters set on the ARO groups (e.g. ``rotation="eigen"``,
-            ``estimator="stack"``).
+            ``estimator="stack"``); each must be an argument of :class:`aro.ARO`.
 
     Returns:
-        Up to three groups, each with named parameters: ARO matrices (with the ``shared``
-        plan, if any), ARO conv weights (``matrix_view="flatten"``) and AdamW parameters.
-        Empty groups are left out.
+        Named param groups: ARO matrices (with the ``shared`` plan, if any), ARO conv weights
+        (``matrix_view="flatten"``), AdamW parameters, and those of ``no_decay`` split off with
+        ``weight_decay=0``. Empty groups are left out.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"aro.param_groups takes the model (an nn.Module), got {type(model).__name__}; "
+                        "pass the module itself, not model.parameters(): the roles come from its modules")
     if mode not in MODES:
         raise ValueError(f"Invalid mode: {mode!r}; expected one of {MODES}")
     if sharing not in SHARING_MODES:
         raise ValueError(f"Invalid sharing: {sharing!r}; expected one of {SHARING_MODES}")
+    no_decay = (no_decay,) if isinstance(no_decay, str) else tuple(no_decay)
+    bad = [r for r in no_decay if r not in NO_DECAY_ROLES]
+    if bad:
+        raise ValueError(f"Invalid no_decay role(s) {bad}; choose from {NO_DECAY_ROLES}")
+    _check_overrides(overrides)
     roles = classify_parameters(model)
     aro, conv, adamw = [], [], []
     for name, (p, role) in roles.items():
@@ -120,9 +135,13 @@ def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none", 
             conv.append((name, p))
         else:
             aro.append((name, p))
+    spared = {name for name, (_, role) in roles.items() if role in no_decay}
+    if sharing != "none":  # a shared rotation's members must stay in one group
+        spared -= {name for name, _ in aro}
     groups = []
     if aro:
-        group: dict[str, Any] = {"params": aro, "algorithm": "aro", **overrides}
+        group: dict[str, Any] = {"params": [(n, p) for n, p in aro if n not in spared], "algorithm": "aro",
+                                 **overrides}
         if sharing != "none":
             placements, left, L = plan_residual_stream(model, roles, [n for n, _ in aro])
             specs = sharing_specs(placements, sharing, L)
@@ -134,11 +153,36 @@ def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none", 
             group["shared"] = [[[position[pl.name], pl.side] for pl in spec] for spec in specs]
         groups.append(group)
     if conv:
-        groups.append({"params": conv, "algorithm": "aro", "matrix_view": "flatten", **overrides})
+        groups.append({"params": [(n, p) for n, p in conv if n not in spared], "algorithm": "aro",
+                       "matrix_view": "flatten", **overrides})
     if adamw:
-        groups.append({"params": adamw, "algorithm": "adamw"})
+        groups.append({"params": [(n, p) for n, p in adamw if n not in spared], "algorithm": "adamw"})
+    if spared:
+        groups.append({"params": [(n, p) for n, p in aro if n in spared], "algorithm": "aro", **overrides,
+                       "weight_decay": 0.0})
+        groups.append({"params": [(n, p) for n, p in adamw if n in spared], "algorithm": "adamw",
+                       "weight_decay": 0.0})
+    groups = [g for g in groups if g["params"]]
     _check_coverage(model, groups)
     return groups
+
+
+NO_DECAY_ROLES = ("vector", "embedding", "head", "router")
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    import difflib
+    import inspect
+
+    from .optimizer import ARO
+
+    valid = [n for n in inspect.signature(ARO.__init__).parameters
+             if n not in ("self", "params", "process_group", "differentiable")]
+    for key in overrides:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {valid}"
+            raise ValueError(f"aro.param_groups: unknown option {key!r}{hint}")
 
 
 def _check_coverage(model: nn.Module, groups: list[dict[str, Any]]) -> None:

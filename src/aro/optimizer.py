@@ -23,7 +23,7 @@ from .distributed.sharded import local as _local
 from .distributed.sharded import shard_like, sharded_run_units
 from .engine import expected_shapes, init_state, local_sources, plan_units, run_units, shared_owner
 from .functional.projections import make_projection
-from .validation import validate_hyperparameters, validate_param, validate_sharing
+from .validation import validate_group_keys, validate_hyperparameters, validate_param, validate_sharing
 
 __all__ = ["ARO"]
 
@@ -190,7 +190,18 @@ class ARO(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (validated: hyperparameters, parameter dtypes, algorithm vs shape)."""
+        """Add a group (validated: keys, hyperparameters, parameter dtypes, algorithm vs shape).
+
+        A misspelled key is an error naming the closest valid one (torch would keep it silently
+        and use the default). A group without names added to named groups (those of
+        :func:`aro.param_groups`) gets names ``added.<group>.<index>``, since torch refuses to mix
+        named and unnamed groups.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"add_param_group takes a dict like {{'params': [...]}}, got {type(param_group).__name__}")
+        validate_group_keys(param_group, self.defaults)
+        if self.param_groups and "param_names" in self.param_groups[0] and not _is_named(param_group):
+            param_group = _name_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -208,15 +219,22 @@ class ARO(Optimizer):
         return algorithm == "aro" or (algorithm == "auto" and p.ndim >= 2)
 
     # ------------------------------------------------------------------ step
+    @torch.compiler.disable(reason="ARO's step is data-dependent batched linear algebra (QR, Sinkhorn, "
+                            "bucketing by shape); compiling it breaks the graph at every such call")
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Excluded from ``torch.compile``: ``torch.compile(opt.step)`` (PyTorch's recipe for
+        compiled optimizers) runs this step eagerly instead of tracing it into a storm of graph
+        breaks (README, "torch.compile")."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._last_qr_count = 0
         self._last_loads = []
+        skipped: list[str] = []
         for group in self.param_groups:
             params = []
             for i, p in enumerate(group["params"]):
@@ -230,13 +248,23 @@ class ARO(Optimizer):
                 if p.numel() == 0:
                     continue  # nothing to update (global size: every rank decides alike)
                 params.append(p)
-            params = self._screen_nonfinite(group, params)
+            params = self._screen_nonfinite(group, params, skipped)
             self._adamw_step(group, [p for p in params if not self._uses_aro(group, p)])
             self._aro_step(group, [p for p in params if self._uses_aro(group, p)])
+        if skipped and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"ARO skipped the step of {len(skipped)} parameter(s) with a non-finite gradient: "
+                f"{'; '.join(skipped)} (nonfinite='skip'; state untouched; see ARO.stats()['nonfinite_skips']). "
+                "Further skips are counted, not warned.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return loss
 
-    def _screen_nonfinite(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """Drop (or raise for) parameters whose gradient holds NaN or Inf; one host sync."""
+    def _screen_nonfinite(self, group: dict[str, Any], params: list[Tensor], skipped: list[str]) -> list[Tensor]:
+        """Drop (or raise for) parameters whose gradient holds NaN or Inf; one host sync. The
+        labels of dropped parameters are appended to ``skipped`` (one warning per step names all)."""
         if not params:
             return params
         grads = [_local(p.grad) for p in params]
@@ -249,18 +277,11 @@ class ARO(Optimizer):
         if bool(finite.all()):
             return params
         bad = [p for p, ok in zip(params, finite.tolist()) if not ok]
-        labels = ", ".join(_param_label(group, _index_of(group, p), p) for p in bad)
+        labels = [_param_label(group, _index_of(group, p), p) for p in bad]
         if group["nonfinite"] == "raise":
-            raise FloatingPointError(f"non-finite gradient in {labels}")
+            raise FloatingPointError(f"non-finite gradient in {', '.join(labels)}")
         self._count("nonfinite_skips", torch.tensor(len(bad)))
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"ARO skipped the step of {labels}: non-finite gradient (nonfinite='skip'; "
-                "state untouched; see ARO.stats()['nonfinite_skips']). Further skips are counted, not warned.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        skipped += labels
         return [p for p, ok in zip(params, finite.tolist()) if ok]
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -391,17 +412,10 @@ class ARO(Optimizer):
         default loader would cast it to bf16).
         """
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
-            )
+        _check_grouping(saved_groups, self.param_groups)
         saved_state = state_dict["state"]
         pairs: list[tuple[Tensor, dict[str, Any]]] = []
-        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"loaded param_groups[{g}] has {len(saved['params'])} parameters, this optimizer's has {len(group['params'])}"
-                )
+        for group, saved in zip(self.param_groups, saved_groups):
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 if pid in saved_state:
                     _check_saved_state(saved, i, p, saved_state[pid], _param_label(group, i, p))
@@ -474,6 +488,51 @@ def _normalize_process_group(pg: Any) -> Any:
     raise TypeError(
         f"Invalid process_group: {type(pg).__name__}; expected None, a torch.distributed.ProcessGroup or a DeviceMesh"
     )
+
+
+_REGROUP = ("rebuild the optimizer with the grouping it was saved with (the same aro.param_groups(model, mode=..., "
+            "sharing=...)), or load only the model and start a fresh optimizer")
+
+
+def _sharing_plan(group: dict[str, Any]) -> list | None:
+    plan = group.get("shared")
+    return None if plan is None else [[list(entry) for entry in spec] for spec in plan]
+
+
+def _check_grouping(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    """The saved optimizer must group the parameters as this one does; say so before any
+    per-parameter check would report a confusing shape error about an unrelated parameter."""
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"the saved optimizer state has {len(saved_groups)} parameter groups, this optimizer has "
+                         f"{len(groups)}: the grouping (mode, sharing) differs; {_REGROUP}")
+    for g, (saved, group) in enumerate(zip(saved_groups, groups)):
+        mine, theirs = _sharing_plan(group), _sharing_plan(saved)
+        if mine != theirs:
+            describe = lambda plan: "no shared rotations" if plan is None else f"{len(plan)} shared rotation(s)"
+            raise ValueError(f"param_groups[{g}]: saved with {describe(theirs)}, this optimizer has {describe(mine)}: "
+                             f"the sharing plan differs; {_REGROUP}")
+        names, saved_names = group.get("param_names"), saved.get("param_names")
+        if names is not None and saved_names is not None and list(names) != list(saved_names):
+            diff = next(i for i, (a, b) in enumerate(zip(list(names) + [None], list(saved_names) + [None])) if a != b)
+            raise ValueError(f"param_groups[{g}] holds other parameters than the saved one (first difference at "
+                             f"index {diff}); the grouping differs; {_REGROUP}")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"param_groups[{g}] has {len(group['params'])} parameters, the saved one "
+                             f"{len(saved['params'])}: the grouping differs; {_REGROUP}")
+
+
+def _is_named(group: dict[str, Any]) -> bool:
+    params = group["params"]
+    if isinstance(params, Tensor):
+        return False
+    params = list(params)
+    group["params"] = params  # a generator is read once
+    return "param_names" in group or (bool(params) and isinstance(params[0], tuple))
+
+
+def _name_group(group: dict[str, Any], g: int) -> dict[str, Any]:
+    params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+    return {**group, "params": [(f"added.{g}.{i}", p) for i, p in enumerate(params)]}
 
 
 def _param_label(group: dict[str, Any], index: int, p: Tensor) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
@@ -13,12 +14,29 @@ from .functional.qr import QR_METHODS
 from .functional.rotation import ESTIMATORS, ROTATION_POLICIES
 from .layout import MATRIX_VIEWS, ORIENTATIONS, matrix_shape
 
-__all__ = ["ALGORITHMS", "BASE_NAMES", "NONFINITE_POLICIES", "validate_hyperparameters", "validate_param",
-           "validate_sharing"]
+__all__ = ["ALGORITHMS", "BASE_NAMES", "NONFINITE_POLICIES", "OTHER_GROUP_KEYS", "validate_group_keys",
+           "validate_hyperparameters", "validate_param", "validate_sharing"]
 
 ALGORITHMS = ("auto", "aro", "adamw")
 NONFINITE_POLICIES = ("skip", "raise")
 BASE_NAMES = tuple(sorted(STATELESS_PROJECTIONS)) + ("adam",)
+
+
+# Keys a group may carry besides ARO's hyperparameters: torch's own and those that
+# learning-rate schedulers and SWA add to the groups they manage.
+OTHER_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum",
+                              "max_momentum", "swa_lr", "lr_scale"})
+
+
+def validate_group_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A key that is neither a hyperparameter nor a known scheduler key is a typo: ValueError
+    naming it and the closest valid key."""
+    valid = set(defaults) | OTHER_GROUP_KEYS
+    for key in group:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(valid)}"
+            raise ValueError(f"Invalid param group key {key!r}{hint}")
 
 
 def validate_param(group: dict[str, Any], p: Any, label: str) -> None:

@@ -232,7 +232,8 @@ def _dion(rank_fraction: float) -> Callable[..., torch.optim.Optimizer]:
 
 def _aro(mode: str = "hybrid", sharing: str = "none", **options: Any) -> Builder:
     def build(model: nn.Module, lr: float, wd: float, process_group=None) -> list[torch.optim.Optimizer]:
-        groups = aro.param_groups(model, mode=mode, sharing=sharing)
+        # no_decay=(): the protocol decays every parameter, as torch.optim.AdamW does for the baselines
+        groups = aro.param_groups(model, mode=mode, sharing=sharing, no_decay=())
         return [aro.ARO(groups, lr=lr, weight_decay=wd, betas=ADAMW_BETAS, eps=ADAMW_EPS,
                         process_group=process_group, **options)]
 
