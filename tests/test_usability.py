@@ -125,3 +125,32 @@ def test_nonfinite_warning_names_every_skipped_parameter():
     model.norm.weight.grad[0] = float("inf")  # the no-decay AdamW group
     with pytest.warns(RuntimeWarning, match=r"2 parameter\(s\).*blocks\.0\.attn\.q\.weight.*'norm\.weight'"):
         opt.step()
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_version_and_help(capsys):
+    from aro.bench.cli import build_parser, main
+    from aro.bench.config import FIELD_HELP, BenchConfig
+    from aro.bench.optimizers import OPTIMIZERS
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"aro {aro.__version__}"
+    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "(field" not in help_text
+    for name in OPTIMIZERS:
+        assert name in help_text
+    assert "{large,medium,moe-small,small,small-tied,tiny}" in help_text and "(quick: 300)" in help_text
+    import dataclasses
+
+    assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(BenchConfig)}
+    step_help = build_parser()._subparsers._group_actions[0].choices["stepbench"].format_help()
+    assert "--models" in step_help and "(default: small)" in step_help
+
+
+def test_cli_missing_run_folder_is_one_line(capsys, tmp_path):
+    from aro.bench.cli import main
+
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a run folder" in err

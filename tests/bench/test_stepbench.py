@@ -43,8 +43,8 @@ def test_flop_model_counts_the_products_aro_runs():
 
 def test_stepbench_writes_json_and_plot(tmp_path):
     out = tmp_path / "sb.json"
-    code = main(["stepbench", "--optimizers", "adamw,muon,muon-fp32,aro-sinkhorn", "--presets", "tiny", "--dims", "16",
-                 "--train-preset", "tiny", "--warmup", "1", "--repeats", "3", "--out", str(out)])
+    code = main(["stepbench", "--optimizers", "adamw,muon,muon-fp32,aro-sinkhorn", "--models", "tiny", "--dims", "16",
+                 "--train-model", "tiny", "--warmup", "1", "--repeats", "3", "--out", str(out)])
     assert code == 0 and out.with_suffix(".png").exists()
     r = json.loads(out.read_text())
     preset = r["presets"][0]
@@ -97,9 +97,10 @@ def test_slow_cases_are_timed_once_and_predicted_ones_skipped():
 
 
 def test_periodic_optimizers_are_timed_over_a_whole_period():
-    from aro.bench.stepbench import _Cases, steps_per_call
+    from aro.bench.optimizers import OPTIMIZERS
+    from aro.bench.stepbench import _Cases
 
-    assert steps_per_call("aro-sinkhorn-every4") == 4 and steps_per_call("aro-sinkhorn") == 1
+    assert OPTIMIZERS["aro-sinkhorn-every4"].steps_per_call == 4 and OPTIMIZERS["aro-sinkhorn"].steps_per_call == 1
     calls = []
     cases = _Cases(warmup=1, repeats=3, budget_s=10.0, slow_s=10.0, max_step_s=1.0, bf16_gflops=None)
     r = cases.run({"aro-sinkhorn-every4": lambda: calls.append(1)}, {})

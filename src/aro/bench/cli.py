@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import add_arguments, config_from_args
+from .config import add_arguments, bench_epilog, config_from_args
 
 __all__ = ["main"]
 
@@ -66,8 +66,8 @@ def _stepbench(args: argparse.Namespace) -> int:
     from .stepbench import format_stepbench, run_stepbench
 
     result = run_stepbench(
-        optimizers=_names(args.optimizers), presets=_names(args.presets),
-        dims=[int(d) for d in _names(args.dims)], train_preset=args.train_preset or None, out=Path(args.out),
+        optimizers=_names(args.optimizers), presets=_names(args.models),
+        dims=[int(d) for d in _names(args.dims)], train_preset=args.train_model or None, out=Path(args.out),
         warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, slow_s=args.slow, max_step_s=args.max_step,
         threads=args.threads, warm=not args.cold_allocator, train_batch=args.train_batch,
     )
@@ -81,13 +81,19 @@ def _names(text: str) -> list[str]:
 
 
 def _add_stepbench(sub) -> None:
+    from .models import PRESETS as MODEL_PRESETS
     from .stepbench import DEFAULT_DIMS, DEFAULT_OPTIMIZERS, DEFAULT_PRESETS
 
-    sb = sub.add_parser("stepbench", help="time the optimizer step (and training step) side by side")
-    sb.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help="comma-separated registry names")
-    sb.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="model presets whose parameters are stepped")
+    sb = sub.add_parser("stepbench", help="time the optimizer step (and training step) side by side",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sb.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                    help="comma-separated registry names (aro bench --help lists them)")
+    sb.add_argument("--models", "--presets", dest="models", default=",".join(DEFAULT_PRESETS),
+                    help=f"comma-separated model presets whose parameters are stepped, of {sorted(MODEL_PRESETS)} "
+                         "(--presets is the former spelling)")
     sb.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="d for the d x d and d x 4d matrices")
-    sb.add_argument("--train-preset", default="small", help="model of the training-step timing ('' to skip)")
+    sb.add_argument("--train-model", "--train-preset", dest="train_model", default="small",
+                    help="model preset of the training-step timing, '' to skip")
     sb.add_argument("--train-batch", type=int, default=16,
                     help="sequences per training step (16: the bench protocol's batch)")
     sb.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
@@ -117,7 +123,8 @@ def _distbench(args: argparse.Namespace) -> int:
 
 
 def _add_distbench(sub) -> None:
-    db = sub.add_parser("distbench", help="distributed optimizer step per rank (gloo processes on this machine)")
+    db = sub.add_parser("distbench", help="distributed optimizer step per rank (gloo processes on this machine)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     db.add_argument("--preset", default="small", help="model preset")
     db.add_argument("--worlds", default="1,2,3", help="comma-separated world sizes")
     db.add_argument("--modes", default="ddp,fsdp2", help="ddp and/or fsdp2")
@@ -145,7 +152,8 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _add_diagnose(sub) -> None:
-    dg = sub.add_parser("diagnose", help="rotation analyses: update spectra, objective gain, noisy alignment")
+    dg = sub.add_parser("diagnose", help="rotation analyses: update spectra, objective gain, noisy alignment",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     dg.add_argument("--out", default="docs/figures", help="folder for diagnose.json and the PNGs")
     dg.add_argument("--model", default="small", help="bench model preset of the training-run analysis")
     dg.add_argument("--steps", type=int, default=200, help="training steps of that run")
@@ -154,9 +162,13 @@ def _add_diagnose(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="aro", description="Adaptively Rotated Optimization: benchmark and tools")
+    parser.add_argument("--version", action="version", version=f"aro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="train small LMs with each optimizer under the controlled protocol")
+    bench = sub.add_parser("bench", help="train small LMs with each optimizer under the controlled protocol",
+                           epilog=bench_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(bench)
     bench.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     bench.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp2"],

@@ -221,18 +221,60 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(BenchConfig)
 
 
+# One line of help per field; the default shown is the quick preset's value (each preset sets
+# its own: `aro bench --preset NAME --help` shows that preset's).
+FIELD_HELP = {
+    "preset": "preset to start from; every other flag overrides one of its values",
+    "optimizers": "comma-separated registry names (listed below)",
+    "model": "model preset",
+    "data": "text file or folder to train on; default: the Python standard library's source",
+    "steps": "base step budget (with --budgets it follows from budget 1)",
+    "batch_size": "sequences per step",
+    "seeds": "seeds at the chosen lr (seed 0 is the sweep run)",
+    "lr": "one lr for every optimizer (no sweep)",
+    "lr_grid": "comma-separated lr sweep, the same number of points for every optimizer",
+    "lr_grid_by_optimizer": "per-optimizer grids, name=lr1/lr2/...,name2=...",
+    "lr_by_optimizer": "fixed lrs (no sweep), name=lr,name2=lr",
+    "warmup_frac": "linear warmup over this fraction of the steps",
+    "min_lr_frac": "cosine decays to this fraction of the peak lr",
+    "weight_decay": "decoupled weight decay on every parameter",
+    "grad_clip": "global gradient-norm clip (0: off)",
+    "eval_every": "steps between validation evaluations",
+    "eval_batches": "validation batches per evaluation",
+    "precision": "fp32 or bf16 (autocast, float32 master weights)",
+    "overtrain": "comma-separated budgets as multiples of --steps (must include 1)",
+    "budgets": "comma-separated budgets in units of --tokens-per-parameter tokens per parameter (must include 1)",
+    "budget_seeds": "seeds at every budget but 1",
+    "tokens_per_parameter": "one budget unit: tokens per parameter (Chinchilla's 20)",
+    "threads": "torch threads per process (0: torch's default)",
+    "out": "run folder (default runs/bench-<preset>); a rerun resumes it",
+}
+
+
+def bench_epilog() -> str:
+    """The registry's names and one-line descriptions, for ``aro bench --help``."""
+    width = max(map(len, OPTIMIZERS))
+    return "optimizers:\n" + "\n".join(f"  {n:<{width}}  {s.description}" for n, s in OPTIMIZERS.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per field (defaults come from the preset, so none are set here)."""
+    """One ``--flag`` per field; the help shows the quick preset's value as the default (the
+    parsed default stays None, so a preset's own value applies unless the flag is given)."""
     parser.add_argument("--config", help="JSON file with config fields (applied before flags)")
     types = _field_types()
+    quick = resolve("quick", {})
     for f in fields(BenchConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = "comma-separated" if typing.get_origin(types[f.name]) in (tuple, dict) else ""
-        help_text = f"{kind} (field {f.name})".strip()
         if f.name == "preset":
-            parser.add_argument(flag, default="quick", choices=sorted(PRESETS), help="preset to start from")
-        else:
-            parser.add_argument(flag, dest=f.name, type=_converter(types[f.name]), default=None, help=help_text)
+            parser.add_argument(flag, default="quick", choices=sorted(PRESETS),
+                                help=f"{FIELD_HELP[f.name]} (default: %(default)s)")
+            continue
+        value = getattr(quick, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = f"{FIELD_HELP[f.name]} (quick: {shown})" if value not in (None, {}, ()) else FIELD_HELP[f.name]
+        choices = sorted(MODEL_PRESETS) if f.name == "model" else (["fp32", "bf16"] if f.name == "precision" else None)
+        parser.add_argument(flag, dest=f.name, type=_converter(types[f.name]), default=None, choices=choices,
+                            help=help_text.replace("%", "%%"))
 
 
 def _check_types(cfg: BenchConfig) -> None:

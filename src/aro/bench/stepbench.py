@@ -111,13 +111,14 @@ class _Cases:
 
     def run(self, steps: dict[str, Callable[[], None]], flops: dict[str, float], warmup: int | None = None) -> dict:
         skipped = {}
+        specs = {k: OPTIMIZERS.get(k) for k in steps}  # None: a plain timed function (tests)
         for k in steps:
-            if OPTIMIZERS[k].products_dtype == torch.bfloat16 and self.bf16_gflops:
+            if specs[k] is not None and specs[k].products_dtype == torch.bfloat16 and self.bf16_gflops:
                 predicted = flops.get(k, 0.0) / (self.bf16_gflops * 1e9)
                 if predicted > self.max_step_s:
                     skipped[k] = (f"not run: predicted {predicted:.0f} s per step ({flops[k] / 1e9:.0f} GFLOP of "
                                   f"bfloat16 products at the measured {self.bf16_gflops:.1f} GFLOP/s)")
-        per_call = {k: OPTIMIZERS[k].steps_per_call for k in steps}
+        per_call = {k: specs[k].steps_per_call if specs[k] is not None else 1 for k in steps}
         timings = time_interleaved({k: _repeated(v, per_call[k]) for k, v in steps.items() if k not in skipped},
                                    warmup=self.warmup if warmup is None else warmup, repeats=self.repeats,
                                    budget_s=self.budget_s, slow_s=self.slow_s)
@@ -251,7 +252,7 @@ def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int],
         raise ValueError(f"stepbench --optimizers: unknown {unknown}; choose from {sorted(OPTIMIZERS)}")
     bad = [p for p in presets + ([train_preset] if train_preset else []) if p not in PRESETS]
     if bad:
-        raise ValueError(f"stepbench --presets: unknown {bad}; choose from {sorted(PRESETS)}")
+        raise ValueError(f"stepbench --models: unknown {bad}; choose from {sorted(PRESETS)}")
     if threads:
         torch.set_num_threads(threads)
     if warm:
