@@ -58,7 +58,7 @@ def test_eigen_sinkhorn_update_of_a_square_gradient_is_orthogonal(n):
 def _train(telemetry_path=None, every=1, steps=5, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    opt = aro.ARO(aro.param_groups(model), lr=0.02, **kw)
+    opt = aro.ARO(aro.param_groups(model, mode="full"), lr=0.02, **kw)  # the output layer on ARO too
     tele = aro.Telemetry(opt, telemetry_path, every=every) if telemetry_path else None
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):

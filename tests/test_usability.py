@@ -154,3 +154,120 @@ def test_cli_missing_run_folder_is_one_line(capsys, tmp_path):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not a run folder" in err
+
+
+# ---------------------------------------------------------------- classification of many models
+class _CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 8, 5)
+        self.conv2 = nn.Conv2d(8, 16, 3)
+        self.fc = nn.Linear(16, 10)
+
+
+class _ViT(nn.Module):
+    def __init__(self, d=16, patches=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, d))
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+
+class _LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True)
+        self.decoder = nn.Linear(12, 3)
+
+
+def _roles(model):
+    return {n: r for n, (_, r) in aro.classify_parameters(model).items()}
+
+
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50,
+                                                                    n_positions=32, bos_token_id=0, eos_token_id=0))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=50, bos_token_id=0, eos_token_id=0))
+
+
+CLASSIFICATION = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
+            {"0.weight": "matrix", "0.bias": "vector", "2.weight": "matrix", "4.weight": "head", "4.bias": "vector"}),
+    "cnn": (_CNN, {"conv1.weight": "conv", "conv1.bias": "vector", "conv2.weight": "conv", "fc.weight": "head"}),
+    "vit": (_ViT, {"patch.weight": "conv", "cls_token": "embedding", "pos_embed": "embedding", "norm1.weight": "vector",
+                   "attn.in_proj_weight": "matrix", "attn.in_proj_bias": "vector", "attn.out_proj.weight": "matrix",
+                   "mlp.0.weight": "matrix", "mlp.2.weight": "matrix", "head.weight": "head"}),
+    "lstm": (_LSTM, {"emb.weight": "embedding", "lstm.weight_ih_l0": "matrix", "lstm.weight_hh_l0": "matrix",
+                     "lstm.bias_ih_l0": "vector", "decoder.weight": "head"}),
+    "gpt2": (lambda: _hf("gpt2"), {"transformer.wte.weight": "embedding", "transformer.wpe.weight": "embedding",
+                                   "transformer.h.0.attn.c_attn.weight": "matrix",
+                                   "transformer.h.0.mlp.c_proj.weight": "matrix", "transformer.ln_f.weight": "vector"}),
+    "llama": (lambda: _hf("llama"), {"model.embed_tokens.weight": "embedding", "lm_head.weight": "head",
+                                     "model.layers.0.self_attn.k_proj.weight": "matrix",
+                                     "model.layers.0.mlp.gate_proj.weight": "matrix", "model.norm.weight": "vector"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLASSIFICATION))
+def test_classification_table(kind):
+    build, expected = CLASSIFICATION[kind]
+    model = build()
+    roles = _roles(model)
+    for name, role in expected.items():
+        assert roles[name] == role, (name, roles[name], role)
+    # hybrid mode: a 3-D conv weight is flattened, never batched; heads and tokens go to AdamW
+    groups = aro.param_groups(model)
+    where = {n: g for g in groups for n, _ in g["params"]}
+    for name, role in roles.items():
+        g = where[name]
+        if role == "conv":
+            assert g["algorithm"] == "aro" and g["matrix_view"] == "flatten"
+        elif role in ("head", "embedding", "router", "vector"):
+            assert g["algorithm"] == "adamw", name
+        else:
+            assert g["algorithm"] == "aro", name
+    opt = aro.ARO(groups, lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        if roles.get(name) == "conv":
+            assert opt.state[p]["rotation"].ndim == 2  # one rotation for the flattened (out, in*k) matrix
+
+
+def test_trainer_helper_keeps_the_hybrid_split(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from aro.integrations.huggingface import trainer_optimizer
+
+    model = _hf("llama")
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a frozen matrix is left out
+    opt = trainer_optimizer(model, lr=1e-3, weight_decay=0.1)
+    where = {n: g for g in opt.param_groups for n in g["param_names"]}
+    assert where["lm_head.weight"]["algorithm"] == "adamw" and where["model.embed_tokens.weight"]["algorithm"] == "adamw"
+    assert where["model.layers.0.self_attn.q_proj.weight"]["algorithm"] == "aro"
+    assert where["model.norm.weight"]["weight_decay"] == 0.0
+    assert "model.layers.0.mlp.up_proj.weight" not in where
+
+    data = [{"input_ids": torch.randint(0, 50, (16,)), "labels": torch.randint(0, 50, (16,))} for _ in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                          report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert trainer.optimizer.optimizer is opt or trainer.optimizer is opt
+    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+    assert "rotation" in opt.state[model.model.layers[0].self_attn.q_proj.weight]

@@ -36,6 +36,7 @@ __all__ = ["MODES", "NO_DECAY_ROLES", "classify_parameters", "param_groups"]
 MODES = ("hybrid", "full")
 _ROUTER_NAMES = ("router", "gate")
 _HEAD_NAMES = ("lm_head",)
+_CLASSIFIER_NAMES = ("head", "classifier", "score")
 
 
 def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str]]":
@@ -63,6 +64,9 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
             roles[id(weight)] = "conv"
         elif leaf in _ROUTER_NAMES and weight.ndim >= 2:
             roles[id(weight)] = "router"
+    for name, p in model.named_parameters():
+        if id(p) not in roles and p.ndim >= 2 and _is_token_parameter(name, p):
+            roles[id(p)] = "embedding"
     out: "OrderedDict[str, tuple[Tensor, str]]" = OrderedDict()
     for name, p in model.named_parameters():  # deduplicates tied tensors
         role = roles.get(id(p)) or ("matrix" if p.ndim >= 2 else "vector")
@@ -72,21 +76,50 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
     return out
 
 
+_TOKEN_NAMES = ("cls_token", "dist_token", "mask_token", "register_tokens", "reg_token", "pos_embed",
+                "position_embedding", "position_embeddings", "pos_embedding", "positional_embedding")
+
+
+def _is_token_parameter(name: str, p: Tensor) -> bool:
+    """A parameter used as an embedding rather than multiplied as a matrix: a class, register or
+    position token of a vision transformer, by name, or any raw parameter with a size-1 leading
+    dimension (``(1, 1, d)``, ``(1, N, d)``), which no rotation could usefully act on."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in _TOKEN_NAMES or 1 in tuple(p.shape[:-1])
+
+
 def _find_head(model: nn.Module, vocab: int) -> nn.Module | None:
-    """The LM head: ``get_output_embeddings()`` (Hugging Face), else a module named ``lm_head``,
-    else the last ``nn.Linear`` whose ``out_features`` is the (largest) embedding vocabulary."""
+    """The output module, in this order: ``get_output_embeddings()`` (Hugging Face LMs); a module
+    named ``lm_head``; one named ``head``, ``classifier`` or ``score`` (timm, torchvision and
+    Hugging Face classifiers), or ``fc`` at the top level (torchvision's ResNets) -- a
+    ``Sequential`` there gives its last ``nn.Linear``; the last ``nn.Linear`` whose
+    ``out_features`` is the (largest) embedding vocabulary; else the last module with parameters
+    when it is an ``nn.Linear`` (an MLP's output layer)."""
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         found = getter()
         if isinstance(getattr(found, "weight", None), Tensor):
             return found
-    last = None
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in _HEAD_NAMES and isinstance(getattr(module, "weight", None), Tensor):
-            return module
-        if isinstance(module, nn.Linear) and vocab and module.out_features == vocab:
-            last = module
-    return last
+    modules = list(model.named_modules())
+    for names in (_HEAD_NAMES, _CLASSIFIER_NAMES):
+        for name, module in modules:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in names or (names is _CLASSIFIER_NAMES and name == "fc"):
+                found = _last_linear(module)
+                if found is not None:
+                    return found
+    by_vocab = [m for _, m in modules if isinstance(m, nn.Linear) and vocab and m.out_features == vocab]
+    if by_vocab:
+        return by_vocab[-1]
+    leaves = [m for _, m in modules if not list(m.children()) and list(m.parameters(recurse=False))]
+    return leaves[-1] if leaves and isinstance(leaves[-1], nn.Linear) else None
+
+
+def _last_linear(module: nn.Module) -> nn.Module | None:
+    if isinstance(getattr(module, "weight", None), Tensor) and module.weight.ndim == 2:
+        return module
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none",

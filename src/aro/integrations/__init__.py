@@ -1,0 +1,1 @@
+"""Glue for training frameworks; each submodule imports its framework lazily."""
