@@ -53,8 +53,9 @@ class ARO(Optimizer):
         &\textbf{return}\ W_t
         \end{aligned}
 
-    Every matrix update is RMS-matched to :math:`\rho = 0.2`, AdamW's typical update RMS, so
-    a learning rate tuned for AdamW transfers unchanged (SPEC §7). Parameters that are not
+    Every matrix update is RMS-matched to :math:`\rho = 0.2`, AdamW's typical update RMS (the
+    paper's §5.1), which puts the lr on AdamW's scale; the best lr measured by our benchmark is
+    still larger than AdamW's (README, "Choosing a learning rate"). Parameters that are not
     matrices (and groups with ``algorithm="adamw"``) get AdamW with ``betas``/``eps``.
 
     Args:
@@ -63,7 +64,9 @@ class ARO(Optimizer):
             AdamW (the paper's hybrid mode). A group may set ``algorithm`` to ``"auto"``
             (default: ndim >= 2 -> ARO), ``"aro"`` or ``"adamw"``, ``matrix_view`` to
             ``"auto"`` or ``"flatten"`` (see :mod:`aro.layout`), and any argument below.
-        lr: learning rate, on AdamW's scale (default 1e-3, as AdamW).
+        lr: learning rate (default 1e-3). Start at about 4x a tuned AdamW lr, or at the lr of
+            ``torch.optim.Muon`` with ``adjust_lr_fn="match_rms_adamw"``, and sweep x2 around
+            it (README, "Choosing a learning rate").
         beta: momentum EMA coefficient :math:`\beta` (default 0.95, the paper's).
         weight_decay: decoupled weight decay :math:`\lambda`, both paths (default 0.01, as AdamW).
         base: base projection f: ``"sinkhorn"`` (default, the paper's strongest variant),
@@ -92,10 +95,11 @@ class ARO(Optimizer):
             cross-Gram, its look-ahead f and the QR on those steps (default 1: every step, the
             paper's algorithm; see the README's step-cost section for what larger k costs in
             steps and saves in time).
-        matmul_dtype: ``None`` (default: products in the state's dtype, float32) or
-            ``torch.bfloat16``: the products with :math:`R` (:math:`R^\top M`, the cross-Gram,
-            :math:`R f(\cdot)`) run in bfloat16, as Muon's Newton-Schulz does; f, the QR and
-            the state stay float32 (see the README's step-cost section).
+        matmul_dtype: ``None`` (default: products in the state's dtype, float32),
+            ``torch.bfloat16`` or ``torch.float16``: the products with :math:`R`
+            (:math:`R^\top M`, the cross-Gram, :math:`R f(\cdot)`) run in that dtype, as Muon's
+            Newton-Schulz does in bfloat16; f, the QR and the state stay float32 (see the
+            README's step-cost section). ``torch.float32`` is the same as ``None``.
         betas: AdamW path :math:`(\beta_1, \beta_2)` (default (0.9, 0.95), LLM practice);
             :math:`\beta_2` is also the Adam projection's.
         eps: AdamW path and Adam projection epsilon (default 1e-8).

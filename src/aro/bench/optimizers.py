@@ -7,7 +7,7 @@ hyperparameter that is not swept with its source. The bench modules read these f
 them branches on an optimizer's name.
 
 Learning-rate scale: the ARO variants and both Muons RMS-match every matrix update to 0.2
-(AdamW's typical update RMS), so one lr grid serves all (the paper's §4 RMS matching). All
+(AdamW's typical update RMS), so one lr grid serves all (RMS matching, the paper's §5.1). All
 matrix methods but ``aro-sinkhorn-full`` and ``soap`` are *hybrid*: embeddings, LM head,
 routers, norm gains and biases are trained by ``torch.optim.AdamW`` with the same lr, betas
 (0.9, 0.95), eps 1e-8 and weight decay.
