@@ -117,3 +117,15 @@ def test_bad_arguments_name_the_parameter(kwargs, match):
 def test_vectors_are_refused():
     with pytest.raises(ValueError, match="matrices"):
         Dion([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_rms_target_matches_each_update():
+    g = _gen(8)
+    p = torch.nn.Parameter(torch.zeros(3, 12, 8, dtype=F64))  # a batch of three matrices
+    opt = Dion([p], lr=0.5, rank_fraction=0.25, rms_target=0.2)
+    p.grad = torch.randn(3, 12, 8, generator=g, dtype=F64)
+    opt.step()
+    rms = p.detach().square().mean(dim=(-2, -1)).sqrt()
+    torch.testing.assert_close(rms, torch.full((3,), 0.5 * 0.2, dtype=F64), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="rms_target"):
+        Dion([p], lr=0.1, rms_target=0.0)

@@ -11,7 +11,7 @@ import aro.bench
 from aro.bench.models import build_model
 from aro.bench.optimizers import OPTIMIZERS, build_optimizers, check_mode
 
-COMPETITORS = ("soap", "normuon", "adamuon", "dion", "dion-full")
+COMPETITORS = ("soap", "normuon", "adamuon", "dion", "dion-full", "dion-rms")
 
 
 def _batch(g: torch.Generator, T: int = 32):

@@ -72,10 +72,12 @@ class Dion(torch.optim.Optimizer):
         rank_fraction: r = ⌈rank_fraction · min(m, n)⌉ (1.0: full rank).
         weight_decay: decoupled, ``X ← (1 − lr·λ) X``.
         seed: seeds the Gaussian initial Q of each matrix, in parameter order.
+        rms_target: ``None`` (default): the authors' ``sqrt(m / n)`` step scale; a number: each
+            matrix's update rescaled to that RMS instead (0.2: the benchmark's RMS matching).
     """
 
     def __init__(self, params: Iterable, lr: float, mu: float = 0.95, rank_fraction: float = 0.25,
-                 weight_decay: float = 0.0, seed: int = 0):
+                 weight_decay: float = 0.0, seed: int = 0, rms_target: float | None = None):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"Dion: lr must be a finite number >= 0, got {lr!r}")
         if not 0.0 <= mu < 1.0:
@@ -84,7 +86,10 @@ class Dion(torch.optim.Optimizer):
             raise ValueError(f"Dion: rank_fraction must be in (0, 1] (1 is full rank), got {rank_fraction!r}")
         if not weight_decay >= 0:
             raise ValueError(f"Dion: weight_decay must be >= 0, got {weight_decay!r}")
-        super().__init__(params, dict(lr=lr, mu=mu, rank_fraction=rank_fraction, weight_decay=weight_decay))
+        if rms_target is not None and not rms_target > 0:
+            raise ValueError(f"Dion: rms_target must be > 0 or None, got {rms_target!r}")
+        super().__init__(params, dict(lr=lr, mu=mu, rank_fraction=rank_fraction, weight_decay=weight_decay,
+                                      rms_target=rms_target))
         self._generator = torch.Generator().manual_seed(seed)
         for group in self.param_groups:
             for p in group["params"]:
@@ -120,5 +125,9 @@ class Dion(torch.optim.Optimizer):
                 state["Q"].copy_(out.Q)
                 if wd:
                     p.mul_(1.0 - lr * wd)
-                p.sub_(out.update, alpha=lr * math.sqrt(p.shape[-2] / p.shape[-1]))
+                if group["rms_target"] is None:  # the authors' scale
+                    p.sub_(out.update, alpha=lr * math.sqrt(p.shape[-2] / p.shape[-1]))
+                else:  # RMS-matched per matrix, as every RMS-matched method of the benchmark
+                    rms = out.update.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+                    p.sub_(out.update * (group["rms_target"] / rms.clamp_min(torch.finfo(rms.dtype).tiny)), alpha=lr)
         return loss

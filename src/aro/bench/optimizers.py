@@ -36,7 +36,9 @@ The competitors (docs/BENCHMARK.md says why each package):
   (``use_adjusted_lr=True``, the package default and the paper's RMS alignment).
 * ``dion`` / ``dion-full`` -- :class:`aro.bench.dion.Dion` (Ahn et al., arXiv 2504.05295),
   written from the paper, rank fraction 1/4 / 1, with its authors' √(fan_out/fan_in) step scale
-  and one lr shared with the AdamW part (as in their training configurations).
+  and one lr shared with the AdamW part (as in their training configurations); ``dion-rms``
+  RMS-matches each update to 0.2 instead, the treatment every Muon-like entry gets, so that a
+  gap between Dion and the others is not the step scale's doing.
 """
 
 from __future__ import annotations
@@ -224,9 +226,9 @@ def _adamuon(params, lr: float, wd: float) -> torch.optim.Optimizer:
     return _package("AdaMuon")([dict(params=list(params), use_muon=True, lr=lr, weight_decay=wd)], **ADAMUON_KWARGS)
 
 
-def _dion(rank_fraction: float) -> Callable[..., torch.optim.Optimizer]:
+def _dion(rank_fraction: float, rms_target: float | None = None) -> Callable[..., torch.optim.Optimizer]:
     def build(params, lr: float, wd: float) -> torch.optim.Optimizer:
-        return Dion(list(params), lr=lr, mu=0.95, rank_fraction=rank_fraction, weight_decay=wd)
+        return Dion(list(params), lr=lr, mu=0.95, rank_fraction=rank_fraction, weight_decay=wd, rms_target=rms_target)
 
     return build
 
@@ -301,6 +303,12 @@ def _entries() -> list[OptimizerSpec]:
                       build_matrix=_single(_dion(1.0)), fsdp2=False,
                       hyperparameters={"mu": "0.95: Dion paper", "rank_fraction": "1.0: full rank",
                                        "lr scale": "sqrt(fan_out/fan_in): Dion authors' default",
+                                       **ADAMW_HYPERPARAMETERS}),
+        OptimizerSpec("dion-rms", "Dion, rank 1/4, each update RMS-matched to 0.2 like the ARO and Muon entries",
+                      _hybrid("dion-rms", _dion(0.25, 0.2)), dion_flops, build_matrix=_single(_dion(0.25, 0.2)),
+                      fsdp2=False,
+                      hyperparameters={"mu": "0.95: Dion paper", "rank_fraction": "0.25: Dion paper's default",
+                                       "rms_target": "0.2: the benchmark's RMS matching (not the authors' scale)",
                                        **ADAMW_HYPERPARAMETERS}),
         _spec("sinkgd", "momentum SinkGD: identity rotation, Sinkhorn f", rotation="identity", base="sinkhorn"),
         _spec("eigen-sinkhorn", "eigen-rotation (power iteration on M M^T), Sinkhorn f", rotation="eigen", base="sinkhorn"),
