@@ -138,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizers=(
             "adamw", "muon", "sinkgd", "eigen-sinkhorn", "eigen-adam",
             "aro-sinkhorn", "aro-sign", "aro-adam", "aro-rownorm", "aro-sinkhorn-full",
-            "soap", "normuon", "adamuon", "dion",
+            "soap", "normuon", "adamuon", "dion", "dion-rms",
         ),
         steps=600,
         seeds=3,

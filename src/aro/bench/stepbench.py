@@ -45,7 +45,9 @@ DEFAULT_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhor
                       "aro-sign", "aro-adam", "eigen-sinkhorn")
 DEFAULT_PRESETS = ("tiny", "small", "medium", "large", "moe-small")
 DEFAULT_DIMS = (128, 256, 512, 1024, 2048)
-TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4")
+# the optimizers whose whole training step is timed too (when given with --optimizers)
+TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4", "eigen-adam", "soap",
+                    "normuon", "adamuon", "dion", "dion-rms")
 STANDARD_PRESET = "small"  # the model of `aro bench --preset standard`
 LR, WD = 1e-3, 0.1
 
