@@ -41,7 +41,7 @@ import torch
 import aro
 from aro import engine
 from aro.bench.models import build_model
-from aro.bench.protocol import environment_info
+from aro.bench.environment import environment_info
 from aro.bench.timing import time_interleaved, warm_allocator
 from aro.functional import projections
 from aro.functional.projections import sinkhorn

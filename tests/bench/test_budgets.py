@@ -11,6 +11,7 @@ from aro.bench.config import resolve
 from aro.bench.ladder import ladder_runs, schedule_fair_bound, schedule_fair_speedup
 from aro.bench.models import build_model
 from aro.bench.stats import paired_difference, paired_ratio, t_quantile
+from aro.bench.summary import summarize
 
 
 # ---------------------------------------------------------------- budget arithmetic
@@ -159,4 +160,4 @@ def test_half_finished_ladder_resumes_without_redoing_runs(tmp_path, monkeypatch
         assert two["steps"] == cfg.budget_steps(2) and len(two["lr_check"]) == 3
         assert isinstance(two["lr_transfers"], bool)
     assert (tmp_path / "figures" / "budgets.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "summary.json").read_text()) == protocol.summarize(tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summarize(tmp_path)

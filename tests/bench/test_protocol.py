@@ -5,7 +5,7 @@ import pytest
 
 from aro.bench.cli import main
 from aro.bench.config import BenchConfig, resolve
-from aro.bench.protocol import summarize
+from aro.bench.summary import summarize
 from aro.bench.report import format_table, write_report
 from aro.bench.train import lr_factor
 

@@ -31,7 +31,8 @@ from aro.functional.rotation import rotated_step
 
 from .data import load_corpus
 from .models import build_model
-from .train import atomic_write_text, lr_factor
+from .files import atomic_write_text
+from .train import lr_factor
 
 __all__ = ["run_diagnose"]
 

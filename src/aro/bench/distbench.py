@@ -31,8 +31,8 @@ import torch.multiprocessing as mp
 from .models import build_model
 from .optimizers import ADAMW_BETAS, ADAMW_EPS
 from .parallel import Parallel
-from .protocol import environment_info
-from .train import atomic_write_text
+from .environment import environment_info
+from .files import atomic_write_text
 
 __all__ = ["DIST_MODES", "run_distbench"]
 

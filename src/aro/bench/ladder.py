@@ -26,7 +26,8 @@ from .budget import budget_of_steps, budget_unit, steps_for_budget
 from .optimizers import BASELINES
 from .train import RunSpec
 
-__all__ = ["LR_CHECK_FACTORS", "add_budget_blocks", "ladder_runs", "schedule_fair_bound", "schedule_fair_speedup"]
+__all__ = ["LR_CHECK_FACTORS", "add_budget_blocks", "ladder_runs", "round_lr", "schedule_fair_bound",
+           "schedule_fair_speedup"]
 
 LR_CHECK_FACTORS = (0.5, 2.0)
 
@@ -41,11 +42,12 @@ def ladder_runs(cfg, chosen: dict[str, float]) -> list[RunSpec]:
             specs += [RunSpec(name, chosen[name], seed, cfg.budget_steps(budget)) for name in cfg.optimizers]
     longest = max(cfg.budgets)
     for name in cfg.optimizers:
-        specs += [RunSpec(name, _round_lr(chosen[name] * f), 0, cfg.budget_steps(longest)) for f in LR_CHECK_FACTORS]
+        specs += [RunSpec(name, round_lr(chosen[name] * f), 0, cfg.budget_steps(longest)) for f in LR_CHECK_FACTORS]
     return specs
 
 
-def _round_lr(lr: float) -> float:
+def round_lr(lr: float) -> float:
+    """``lr`` to 6 significant digits: 4e-3 * 2 is 0.008, not 0.008000000000000002."""
     return float(f"{lr:.6g}")
 
 

@@ -9,80 +9,29 @@
 4. **Overtraining** -- optional budgets k x S at the chosen lr, all seeds; or budgets in the
    paper's unit (``--budgets``, :mod:`aro.bench.ladder`): lrs swept at budget 1 and reused.
 
-Everything in ``summary.json`` is computed from the run logs by :func:`summarize`, which is
-also what ``aro report`` calls.
+Everything in ``summary.json`` is computed from the run logs by
+:func:`aro.bench.summary.summarize`, which is also what ``aro report`` calls.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import platform
-import statistics
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config import BenchConfig
 from .data import load_corpus
-from .metrics import mean_std, speedup
-from .ladder import add_budget_blocks, ladder_runs
-from .optimizers import BASELINES, check_mode
+from .environment import environment_info
+from .files import atomic_write_text
+from .ladder import ladder_runs, round_lr
+from .optimizers import check_mode
 from .parallel import Parallel
-from .stats import paired_difference, paired_ratio
-from .train import RunSpec, atomic_write_text, run_training
+from .report import write_report
+from .summary import choose_lr, summarize
+from .train import RunSpec, run_training
 
-__all__ = ["BASELINES", "environment_info", "run_benchmark", "summarize"]
-
-
-
-def _git_sha() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_info() -> dict[str, Any]:
-    """Name, family/model and the instruction sets that decide bfloat16 matmul speed, from the
-    first processor of ``/proc/cpuinfo`` (Linux; elsewhere the name from ``platform``)."""
-    info: dict[str, Any] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name":
-                info["name"] = value
-            elif key in ("cpu family", "model"):
-                info[key.replace(" ", "_")] = value
-            elif key == "flags":
-                flags = set(value.split())
-                info["bf16_instructions"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
-                info["avx512"] = "avx512f" in flags
-            elif not line.strip() and info:
-                break  # the end of the first processor's block
-    except OSError:
-        pass
-    info.setdefault("name", platform.processor() or platform.machine())
-    return info
-
-
-def environment_info() -> dict[str, Any]:
-    cpu = _cpu_info()
-    return {
-        "git_sha": _git_sha(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu.pop("name"),
-        "cpu_details": cpu,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
+__all__ = ["run_benchmark"]
 
 
 def run_dir(out: Path, spec: RunSpec) -> Path:
@@ -127,8 +76,6 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
 
     Under data parallelism every rank calls this (see :mod:`aro.bench.parallel`).
     """
-    from .report import write_report
-
     for name in cfg.optimizers:  # before anything is trained
         check_mode(name, par.mode)
     if cfg.threads:
@@ -152,7 +99,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
     for name in cfg.optimizers:
         if len(grids[name]) > 1:
             _bracket_optimum(results[name], lambda lr, name=name: run(RunSpec(name, lr, 0, cfg.steps)))
-    chosen = {name: _choose_lr(results[name]) for name in cfg.optimizers}
+    chosen = {name: choose_lr(results[name]) for name in cfg.optimizers}
     for k in sorted(cfg.overtrain):
         for seed in range(cfg.seeds):
             for name in cfg.optimizers:
@@ -177,155 +124,11 @@ MAX_GRID_EXTENSIONS = 2
 def _bracket_optimum(by_lr: dict[float, dict], run_at) -> None:
     for _ in range(MAX_GRID_EXTENSIONS):
         grid = sorted(by_lr)
-        best = _choose_lr(by_lr)
+        best = choose_lr(by_lr)
         if best == grid[-1]:
-            lr = _round_lr(grid[-1] * 2)
+            lr = round_lr(grid[-1] * 2)
         elif best == grid[0]:
-            lr = _round_lr(grid[0] / 2)
+            lr = round_lr(grid[0] / 2)
         else:
             return
         by_lr[lr] = run_at(lr)
-
-
-def _round_lr(lr: float) -> float:
-    """``lr`` to 6 significant digits: 4e-3 * 2 is 0.008, not 0.008000000000000002."""
-    return float(f"{lr:.6g}")
-
-
-def _choose_lr(by_lr: dict[float, dict]) -> float:
-    def key(item):
-        lr, result = item
-        loss = result["final_val_loss"]
-        return (math.inf if loss is None else loss, lr)
-
-    return min(by_lr.items(), key=key)[0]
-
-
-# ---------------------------------------------------------------- summary from logs
-def _load_runs(out: Path) -> list[dict]:
-    runs = []
-    for d in sorted((out / "runs").glob("*")):
-        result_path = d / "result.json"
-        if not result_path.exists():
-            continue
-        result = json.loads(result_path.read_text())
-        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        result["curve"] = {"step": [x["step"] for x in lines], "val_loss": [x["val_loss"] for x in lines]}
-        runs.append(result)
-    return runs
-
-
-def summarize(out: Path, write: bool = True) -> dict:
-    """Per-optimizer summary of the finished runs in ``out`` (and, if ``write``, summary.json/.csv)."""
-    out = Path(out)
-    cfg = json.loads((out / "config.json").read_text())["config"]
-    runs = _load_runs(out)
-    base_steps = cfg["steps"]
-    names = [n for n in cfg["optimizers"] if any(r["spec"]["optimizer"] == n for r in runs)]
-
-    def find(name, lr=None, seed=None, steps=None):
-        return [r for r in runs if r["spec"]["optimizer"] == name
-                and (lr is None or r["spec"]["lr"] == lr)
-                and (seed is None or r["spec"]["seed"] == seed)
-                and (steps is None or r["spec"]["steps"] == steps)]
-
-    chosen = {}
-    sweeps = {}
-    for name in names:
-        sweep = {r["spec"]["lr"]: r for r in find(name, seed=0, steps=base_steps)}
-        if not sweep:
-            continue
-        sweeps[name] = {str(lr): sweep[lr]["final_val_loss"] for lr in sorted(sweep)}
-        chosen[name] = _choose_lr(sweep)
-    budgets = sorted({r["spec"]["steps"] for r in runs})
-    summary: dict[str, Any] = {"optimizers": {}, "budgets": budgets, "base_steps": base_steps, "seeds": cfg["seeds"]}
-    for name in chosen:
-        grid = sorted(float(x) for x in sweeps[name])
-        lr = chosen[name]
-        entry: dict[str, Any] = {
-            "lr": lr,
-            "lr_sweep": sweeps[name],
-            "lr_at_grid_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
-        }
-        for steps in budgets:
-            block = _budget_block(name, lr, steps, chosen, find)
-            if block is None:
-                continue
-            if steps == base_steps:
-                entry.update(block)
-            elif not cfg.get("budgets"):
-                entry.setdefault("overtrain", {})[str(steps // base_steps)] = block
-        summary["optimizers"][name] = entry
-    add_budget_blocks(summary, cfg, chosen, find, _budget_block)
-    if write:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-        atomic_write_text(out / "summary.csv", _csv(summary))
-    return summary
-
-
-def _budget_block(name, lr, steps, chosen, find) -> dict | None:
-    mine = {r["spec"]["seed"]: r for r in find(name, lr=lr, steps=steps)}
-    if not mine:
-        return None
-    seeds = sorted(mine)
-    block: dict[str, Any] = {
-        "seeds": seeds,
-        "final_val_loss": mean_std([mine[s]["final_val_loss"] for s in seeds]),
-        "step_time_s": _median([mine[s]["step_time_s"] for s in seeds]),
-        "optimizer_step_time_s": _median([mine[s]["optimizer_step_time_s"] for s in seeds]),
-        "diverged": [s for s in seeds if mine[s]["diverged"]],
-        "optimizer_stats": mine[seeds[0]]["optimizer_stats"],
-        "speedup": {},
-        "final_loss_diff": {},
-        "paired": {},
-        "step_time_ratio": {},
-    }
-    for base in BASELINES:
-        if base not in chosen:
-            continue
-        theirs = {r["spec"]["seed"]: r for r in find(base, lr=chosen[base], steps=steps)}
-        common = [s for s in seeds if s in theirs]
-        if not common:
-            continue
-        ups = [speedup(mine[s]["curve"]["step"], mine[s]["curve"]["val_loss"], theirs[s]["curve"]["step"],
-                       theirs[s]["curve"]["val_loss"], steps) for s in common]
-        diffs = [None if mine[s]["final_val_loss"] is None or theirs[s]["final_val_loss"] is None
-                 else mine[s]["final_val_loss"] - theirs[s]["final_val_loss"] for s in common]
-        block["speedup"][base] = mean_std(ups)
-        block["final_loss_diff"][base] = mean_std(diffs)
-        block["paired"][base] = {
-            "final_loss_diff": paired_difference([mine[s]["final_val_loss"] for s in common],
-                                                 [theirs[s]["final_val_loss"] for s in common]),
-            "speedup": paired_ratio(ups),
-        }
-        their_time = _median([theirs[s]["step_time_s"] for s in common])
-        if their_time and block["step_time_s"]:
-            block["step_time_ratio"][base] = block["step_time_s"] / their_time
-    return block
-
-
-def _median(values: list) -> float | None:
-    finite = [v for v in values if v is not None]
-    return statistics.median(finite) if finite else None
-
-
-def _csv(summary: dict) -> str:
-    cols = ["optimizer", "budget", "lr", "final_val_loss_mean", "final_val_loss_std", "speedup_vs_adamw_mean",
-            "speedup_vs_adamw_std", "speedup_vs_muon_mean", "speedup_vs_muon_std", "step_time_s",
-            "optimizer_step_time_s", "n_seeds"]
-    rows = [",".join(cols)]
-    for name, e in summary["optimizers"].items():
-        if len(e.get("budgets") or {}) > 1:  # a ladder in the paper's unit
-            blocks = sorted(e["budgets"].items(), key=lambda kv: kv[1]["budget"])
-        else:
-            blocks = [("1", e)] + sorted((e.get("overtrain") or {}).items(), key=lambda kv: int(kv[0]))
-        for budget, b in blocks:
-            if "final_val_loss" not in b:
-                continue
-            vals = [name, budget, e["lr"], b["final_val_loss"]["mean"], b["final_val_loss"]["std"]]
-            for base in BASELINES:
-                s = b["speedup"].get(base, {})
-                vals += [s.get("mean"), s.get("std")]
-            vals += [b["step_time_s"], b["optimizer_step_time_s"], len(b["seeds"])]
-            rows.append(",".join("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in vals))
-    return "\n".join(rows) + "\n"

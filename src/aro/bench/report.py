@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .protocol import BASELINES, _load_runs, summarize
+from .optimizers import BASELINES
+from .summary import load_runs, summarize
 
 __all__ = ["budget_figure", "combined_budget_figure", "format_budget_table", "format_table", "write_report"]
 
@@ -103,7 +104,7 @@ def write_report(out: Path, summary: dict | None = None) -> dict:
     summary = summary or summarize(out)
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
-    runs = _load_runs(out)
+    runs = load_runs(out)
     plt = _plt()
     _val_loss_figure(plt, summary, runs, figs / "val_loss.png")
     _speedup_figure(plt, summary, figs / "speedup.png")

@@ -35,9 +35,9 @@ from torch import nn
 
 from .models import PRESETS, build_model
 from .optimizers import OPTIMIZERS, aro_flops, build_optimizers, muon_flops
-from .protocol import environment_info
+from .environment import environment_info
 from .timing import time_interleaved, warm_allocator
-from .train import atomic_write_text
+from .files import atomic_write_text
 
 __all__ = ["DEFAULT_DIMS", "DEFAULT_OPTIMIZERS", "DEFAULT_PRESETS", "aro_flops", "muon_flops", "run_stepbench"]
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Timing", "interleaved_medians", "time_interleaved", "warm_allocator"]
+__all__ = ["Timing", "time_interleaved", "warm_allocator"]
 
 # glibc raises its mmap threshold to the size of a freed mmap'd block only up to
 # DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit), and its trim threshold to twice that: a 24 MiB
@@ -87,10 +87,3 @@ def _timed(fn: Callable[[], None]) -> tuple[float, int]:
     fn()
     t = time.perf_counter() - t0
     return t, _minor_faults() - f0
-
-
-def interleaved_medians(steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
-                        budget_s: float) -> dict[str, float]:
-    """Median seconds per call of each callable (:func:`time_interleaved` without slow cases)."""
-    return {k: v["ms"] / 1e3 for k, v in time_interleaved(steps, warmup=warmup, repeats=repeats,
-                                                          budget_s=budget_s).items()}

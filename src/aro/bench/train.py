@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config import BenchConfig
 from .data import Corpus
+from .files import atomic_save, atomic_write_text
 from .models import build_model, lm_loss
 from .optimizers import build_optimizers, check_mode
 from .parallel import Parallel
 
-__all__ = ["RunSpec", "atomic_write_text", "lr_factor", "run_training"]
+__all__ = ["RunSpec", "lr_factor", "run_training"]
 
 # Steps at the start of a process run about 2x slow (allocator, caches); timing medians skip them.
 TIMING_WARMUP_STEPS = 10
@@ -58,18 +57,6 @@ def lr_factor(step: int, steps: int, warmup_frac: float, min_lr_frac: float) -> 
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - 1 - warmup)
     return min_lr_frac + (1.0 - min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -189,7 +176,7 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
             if done < spec.steps:
                 state = par.state(model, optimizers)  # collective under FSDP2
                 if par.is_main:
-                    _atomic_save({"step": done, **state}, ckpt_path)
+                    atomic_save({"step": done, **state}, ckpt_path)
     if bar is not None:
         bar.close()
     result = _result(spec, lines, diverged, optimizers)
