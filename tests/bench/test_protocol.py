@@ -123,3 +123,20 @@ def test_sweep_is_extended_beyond_an_edge_optimum_at_most_twice(optimum, expecte
     ran = []
     _bracket_optimum(by_lr, lambda lr: ran.append(lr) or loss(lr))
     assert ran == expected_extra
+
+
+def test_folder_made_before_a_field_existed_resumes(tmp_path):
+    """A config.json without a field added later (e.g. `budgets`) reads as that field's default."""
+    from aro.bench.data import load_corpus
+    from aro.bench.protocol import _write_config
+
+    cfg = resolve("smoke", {"out": str(tmp_path)})
+    _write_config(cfg, load_corpus(None).describe())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("budgets", "budget_seeds", "tokens_per_parameter"):
+        del saved["config"][key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = _write_config(cfg, load_corpus(None).describe())
+    assert config["budgets"] == [] and config["tokens_per_parameter"] == 20.0
+    with pytest.raises(ValueError, match="different config"):
+        _write_config(resolve("smoke", {"out": str(tmp_path), "budget_seeds": 5}), load_corpus(None).describe())

@@ -56,7 +56,9 @@ def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel(
     path = out / "config.json"
     config = json.loads(json.dumps(cfg.to_dict()))
     if path.exists():
-        previous = json.loads(path.read_text())["config"]
+        # a field added after the folder was made counts as its default there
+        defaults = json.loads(json.dumps(BenchConfig(**{"preset": cfg.preset}).to_dict()))
+        previous = {**defaults, **json.loads(path.read_text())["config"]}
         fixed = [k for k in config if k not in _EXTENDABLE + _EXECUTION and previous.get(k) != config[k]]
         clashes = [f"{k}[{name}]" for k in _EXTENDABLE[1:] for name, v in config[k].items()
                    if name in previous.get(k, {}) and previous[k][name] != v]
