@@ -287,3 +287,42 @@ def test_shared_resume_is_bit_identical():
     steps(twin, opt_b, x[2:])
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+class _TorchBlocksLM(nn.Module):
+    """A pre-norm LM built from torch modules: nn.MultiheadAttention and an nn.Sequential MLP."""
+
+    def __init__(self, d=8, L=2, vocab=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.RMSNorm(d), "attn": nn.MultiheadAttention(d, 2, bias=False, batch_first=True),
+            "norm2": nn.RMSNorm(d), "mlp": nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))})
+            for _ in range(L))
+        self.norm = nn.RMSNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+
+def test_multihead_attention_and_sequential_mlps_join_the_plan():
+    import warnings
+
+    model = _TorchBlocksLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unshared
+        groups = aro.param_groups(model, mode="full", sharing="chain")
+    names = [n for n, _ in groups[0]["params"]]
+    spec_of = {names[i]: k for k, spec in enumerate(groups[0]["shared"]) for i, _ in spec}
+    side_of = {names[i]: side for spec in groups[0]["shared"] for i, side in spec}
+    # block b reads stream b and writes stream b + 1; the embedding writes stream 0, the head reads stream L
+    assert spec_of["blocks.0.attn.in_proj_weight"] == spec_of["blocks.0.mlp.0.weight"] == spec_of["emb.weight"]
+    assert spec_of["blocks.0.attn.out_proj.weight"] == spec_of["blocks.0.mlp.2.weight"] == spec_of[
+        "blocks.1.attn.in_proj_weight"]
+    assert spec_of["blocks.1.mlp.2.weight"] == spec_of["lm_head.weight"]
+    assert side_of["blocks.0.attn.in_proj_weight"] == "cols" and side_of["blocks.0.attn.out_proj.weight"] == "rows"
+    assert side_of["blocks.0.mlp.0.weight"] == "cols" and side_of["blocks.0.mlp.2.weight"] == "rows"
+    assert len(groups[0]["shared"]) == 3
+    opt = aro.ARO(groups, lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.stats()["qr_per_step"] == 3

@@ -16,8 +16,9 @@ A tied embedding / LM head tensor is one parameter with two roles; it joins :mat
 embedding role) in ``"chain"`` mode.
 
 Recognition is by module type and name, which covers ``aro.bench`` models, Hugging Face GPT-2
-(``Conv1D`` weights stored ``[in, out]``) and Llama-style models (``q/k/v/o_proj``,
-``gate/up/down_proj``, grouped-query K/V). Raw 3-D expert parameters (``[E, d, h]`` used as
+(``Conv1D`` weights stored ``[in, out]``), Llama-style models (``q/k/v/o_proj``,
+``gate/up/down_proj``, grouped-query K/V), ``nn.MultiheadAttention`` (``in_proj_weight``,
+``out_proj``) and MLPs written as ``nn.Sequential`` (first Linear reads, last Linear writes). Raw 3-D expert parameters (``[E, d, h]`` used as
 ``x @ W``) are input-major: a consumer's residual side is dim -2, a producer's dim -1. Anything
 not recognised stays per-matrix, listed in one warning.
 """
@@ -34,6 +35,7 @@ __all__ = ["CONSUMER_NAMES", "PRODUCER_NAMES", "SHARING_MODES", "Placement", "pl
 SHARING_MODES = ("none", "global", "chain")
 CONSUMER_NAMES = frozenset({
     "q", "k", "v", "q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "c_attn", "Wqkv", "in_proj",
+    "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
     "up", "gate", "up_proj", "gate_proj", "c_fc", "fc1", "w1", "w3", "w_up", "w_in", "wi", "router",
 })
 PRODUCER_NAMES = frozenset({
@@ -71,7 +73,7 @@ def _side(module: nn.Module | None, p: Tensor, role: str, d: int) -> str | None:
     """Which dim of ``p`` is the residual side, or None if its shape does not fit ``d``."""
     if isinstance(module, nn.Embedding):
         side = "cols"
-    elif isinstance(module, nn.Linear):
+    elif isinstance(module, (nn.Linear, nn.MultiheadAttention)):  # [out, in] (MHA's in_proj_weight too)
         side = "cols" if role == "consumer" else "rows"
     elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layout: weight [in, out]
         side = "rows" if role == "consumer" else "cols"
@@ -122,19 +124,34 @@ def plan_residual_stream(
                 left.append(name)
                 continue
             block = int(parts[len(head)])
-            if role_kind == "router" or leaf in CONSUMER_NAMES:
-                role, stream = "consumer", block
-            elif leaf in PRODUCER_NAMES:
-                role, stream = "producer", block + 1
-            else:
+            role = "consumer" if role_kind == "router" or leaf in CONSUMER_NAMES else (
+                "producer" if leaf in PRODUCER_NAMES else _sequential_role(model, name))
+            if role is None:
                 left.append(name)
                 continue
+            stream = block if role == "consumer" else block + 1
         side = _side(module, p, role, d)
         if side is None:
             left.append(name)
             continue
         placements.append(Placement(name, p, role, side, stream))
     return placements, left, L
+
+
+def _sequential_role(model: nn.Module, name: str) -> str | None:
+    """An MLP written as ``nn.Sequential(Linear, act, ..., Linear)``: its first Linear reads the
+    stream (consumer), its last writes it (producer); the ones between are internal."""
+    path = name.rsplit(".", 1)[0]  # the module holding the weight, e.g. "blocks.0.mlp.0"
+    parent_path, _, index = path.rpartition(".")
+    if not index.isdigit():
+        return None
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    linears = [i for i, m in enumerate(parent) if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        return None
+    return {linears[0]: "consumer", linears[-1]: "producer"}.get(int(index))
 
 
 def sharing_specs(placements: list[Placement], sharing: str, L: int) -> list[list[Placement]]:
