@@ -50,6 +50,16 @@ def test_report_rebuilt_from_fixture_logs(tmp_path):
     assert "aro-sinkhorn" in table and "2.000" in table
     assert summarize(tmp_path) == json.loads((tmp_path / "summary.json").read_text())
     assert main(["report", str(tmp_path)]) == 0
+    # paired statistics: seed s of every optimizer is a pair; the two seeds' differences are equal
+    paired = aro_entry["paired"]["muon"]["final_loss_diff"]
+    assert paired["mean"] == pytest.approx(1.8 - 1.9) and paired["low"] == pytest.approx(paired["high"])
+    assert paired["significant"] is True
+    from aro.bench.report import format_markdown
+
+    md = format_markdown(summary, ["muon", "aro-sinkhorn"]).splitlines()
+    assert md[0].startswith("| optimizer | lr |") and len(md) == 4
+    assert md[2].startswith("| muon (lr at grid edge) | 0.002 |") and md[2].endswith("| 1 | 0 |")
+    assert "-0.100 [-0.100, -0.100]*" in md[3]
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():

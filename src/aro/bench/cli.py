@@ -46,14 +46,18 @@ def _bench(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import combined_budget_figure, format_table, write_report
+    from .report import combined_budget_figure, format_markdown, format_table, write_report
 
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "config.json").exists():
             raise ValueError(f"{run_dir}: not a run folder (no config.json); give the --out folder of an aro bench run")
     for run_dir in args.run_dirs:
         summary = write_report(Path(run_dir))
-        print(f"{run_dir}\n{format_table(summary)}")
+        if args.markdown is not None:
+            names = _names(args.markdown) or None
+            print(format_markdown(summary, names))
+        else:
+            print(f"{run_dir}\n{format_table(summary)}")
     if args.budget_figure:
         combined_budget_figure([Path(d) for d in args.run_dirs], Path(args.budget_figure))
         print(f"\nbudget figure: {args.budget_figure}")
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     report = sub.add_parser("report", help="rebuild summary.json/csv and figures from a run folder's logs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (aro bench --out)")
+    report.add_argument("--markdown", nargs="?", const="", metavar="NAMES",
+                        help="print the README's results table (optionally only these comma-separated optimizers)")
     report.add_argument("--budget-figure", metavar="PNG",
                         help="also draw speedup against budget for all RUN_DIRs in one figure (one row each)")
     report.set_defaults(func=_report)

@@ -19,7 +19,8 @@ import numpy as np
 from .optimizers import BASELINES
 from .summary import load_runs, summarize
 
-__all__ = ["budget_figure", "combined_budget_figure", "format_budget_table", "format_table", "write_report"]
+__all__ = ["budget_figure", "combined_budget_figure", "format_budget_table", "format_markdown", "format_table",
+           "write_report"]
 
 
 def _plt():
@@ -96,6 +97,36 @@ def format_budget_table(summary: dict) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + [
         "budget in units of the compute-optimal data (20 tokens per parameter); speedup: crossing metric, geometric "
         "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup"])
+
+
+def format_markdown(summary: dict, names: list[str] | None = None) -> str:
+    """The README's results table: final loss (mean ± std over seeds), speedups vs the baselines
+    (geometric mean and paired 95% interval) and the final-loss difference vs Muon (paired 95%
+    interval); * marks an interval that excludes 1 (speedups) or 0 (differences)."""
+    head = ["optimizer", "lr", "final val loss", "speedup vs AdamW [95%]", "speedup vs Muon [95%]",
+            "Δ loss vs Muon [95%]"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names or list(summary["optimizers"]):
+        e = summary["optimizers"].get(name)
+        if not e or "final_val_loss" not in e:
+            continue
+        paired = e.get("paired", {})
+        cells = [name + (" (lr at grid edge)" if e.get("lr_at_grid_edge") else ""), f"{e['lr']:g}",
+                 _fmt(e["final_val_loss"], 3)]
+        for base in BASELINES:
+            cells.append("1" if base == name else _interval(paired.get(base, {}).get("speedup")).replace(", ", "–"))
+        diff = paired.get("muon", {}).get("final_loss_diff") if name != "muon" else None
+        cells.append("0" if name == "muon" else _signed_interval(diff))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _signed_interval(p: dict | None) -> str:
+    if not p or p.get("mean") is None:
+        return "-"
+    if p.get("low") is None:
+        return f"{p['mean']:+.3f}"
+    return f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]{'*' if p['significant'] else ''}"
 
 
 def write_report(out: Path, summary: dict | None = None) -> dict:
