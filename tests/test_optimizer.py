@@ -418,7 +418,7 @@ def test_update_rms_equals_rms_target_property(m, n, experts, log_scale, rho, ba
 
 
 # Frozen values of the default configuration on a fixed 8x4 problem, three steps (the float64
-# reference in aro._reference gives the same numbers). Do not regenerate these literals without
+# reference in tests/aro_oracle.py gives the same numbers). Do not regenerate these literals without
 # a review of why the default numerics changed.
 FROZEN_VALUES = [
     [-1.0827067298924862, -0.9771436059101886, -0.824870471257461, -0.7621118517657973],

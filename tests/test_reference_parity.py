@@ -1,11 +1,11 @@
-"""The batched optimizer against the float64 loop-per-matrix oracle in aro._reference."""
+"""The batched optimizer against the float64 loop-per-matrix oracle in tests/aro_oracle.py."""
 
 import numpy as np
 import pytest
 import torch
 
 import aro
-from aro._reference import ReferenceARO
+from aro_oracle import ReferenceARO
 
 # square, wide, tall, two of the same shape (batched together), a 3-D batch, and a vector
 SHAPES = [(12, 12), (10, 16), (16, 10), (16, 10), (3, 8, 12), (7,)]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import aro
-from aro._reference import ReferenceARO
+from aro_oracle import ReferenceARO
 from aro.bench.models import build_model
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aro import _reference as ref
+import aro_oracle as ref
 from aro.functional.projections import AdamProjection, identity, make_projection, row_norm, sign, sinkhorn
 
 STATELESS = {
