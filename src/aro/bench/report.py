@@ -56,9 +56,7 @@ def format_table(summary: dict) -> str:
             f"{1e3 * e['optimizer_step_time_s']:.2f}" if e.get("optimizer_step_time_s") else "-",
             f"{ratio:.3f}" if ratio else "-",
         ])
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
-    text = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    text = _aligned(head, rows)
     n = summary.get("seeds")
     text.append(f"mean±std over {n} seed(s); speedup = steps of the baseline / steps to reach its final val loss;"
                 " * = chosen lr at the edge of the grid")
@@ -67,12 +65,19 @@ def format_table(summary: dict) -> str:
     return "\n".join(text)
 
 
-def _interval(p: dict | None) -> str:
+def _interval(p: dict | None, spec: str = ".3f") -> str:
+    """A paired statistic as ``mean [low, high]``, ``*`` when the interval excludes its null."""
     if not p or p.get("mean") is None:
         return "-"
     if p.get("low") is None:
-        return f"{p['mean']:.3f}"
-    return f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]{'*' if p['significant'] else ''}"
+        return f"{p['mean']:{spec}}"
+    return f"{p['mean']:{spec}} [{p['low']:{spec}}, {p['high']:{spec}}]{'*' if p['significant'] else ''}"
+
+
+def _aligned(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
 def format_budget_table(summary: dict) -> str:
@@ -92,9 +97,7 @@ def format_budget_table(summary: dict) -> str:
                        f"<={bounds[base]['at_most']:.2f}" if "at_most" in (bounds.get(base) or {}) else "-")
                       for base in BASELINES]
             rows.append([name, key, str(len(b["seeds"])), _fmt(b["final_val_loss"], 4)] + cells)
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + [
+    return "\n".join(_aligned(head, rows) + [
         "budget in units of the compute-optimal data (20 tokens per parameter); speedup: crossing metric, geometric "
         "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup"])
 
@@ -116,17 +119,10 @@ def format_markdown(summary: dict, names: list[str] | None = None) -> str:
         for base in BASELINES:
             cells.append("1" if base == name else _interval(paired.get(base, {}).get("speedup")).replace(", ", "–"))
         diff = paired.get("muon", {}).get("final_loss_diff") if name != "muon" else None
-        cells.append("0" if name == "muon" else _signed_interval(diff))
+        cells.append("0" if name == "muon" else _interval(diff, "+.3f"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
-
-def _signed_interval(p: dict | None) -> str:
-    if not p or p.get("mean") is None:
-        return "-"
-    if p.get("low") is None:
-        return f"{p['mean']:+.3f}"
-    return f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]{'*' if p['significant'] else ''}"
 
 
 def write_report(out: Path, summary: dict | None = None) -> dict:
