@@ -279,6 +279,7 @@ def _entries() -> list[OptimizerSpec]:
               "(aro.ARO with base='newton_schulz', rotation='identity')", rotation="identity", base="newton_schulz"),
         OptimizerSpec("soap", "pytorch_optimizer.SOAP on every parameter (Adam in Shampoo's eigenbasis)", _soap_model,
                       soap_flops, scope="all", build_matrix=_single(_soap), fsdp2=False,
+                      steps_per_call=SOAP_KWARGS["precondition_frequency"],  # timed over whole refresh periods
                       hyperparameters={k: f"{v!r}: package default = SOAP paper" for k, v in SOAP_KWARGS.items()}),
         OptimizerSpec("normuon", "pytorch_optimizer.NorMuon (row-normalized Muon, RMS 0.2) on hidden matrices",
                       _hybrid("normuon", _normuon), muon_flops, build_matrix=_single(_normuon), fsdp2=False,
