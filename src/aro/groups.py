@@ -17,7 +17,7 @@ norm gain, bias      ndim < 2                         AdamW
 ===================  ==============================  ==================
 
 *Hybrid* is the paper's standard comparison (ARO on hidden matrices only); *full* runs ARO on
-every matrix, embeddings and LM head included (SPEC §6). Norm gains and biases get no weight
+every matrix, embeddings and LM head included (the paper's §5.1). Norm gains and biases get no weight
 decay by default (``no_decay``). Every parameter lands in exactly one group; the result is
 checked against ``model.parameters()``.
 """

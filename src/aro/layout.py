@@ -6,7 +6,7 @@ r"""How a parameter tensor is seen as a batch of matrices, and which side is rot
 * a parameter with 4 or more dimensions (convolution weights ``(out, in, *kernel)``), or any
   parameter in a group with ``matrix_view="flatten"``, is flattened to ``(out, in * prod(kernel))``.
 
-Orientation (SPEC §6): the rotation :math:`R` acts on the rows of the *oriented* matrix.
+Orientation (the paper's Design 3, §6): the rotation :math:`R` acts on the rows of the *oriented* matrix.
 ``"rows"`` keeps ``(m, n)``; ``"cols"`` transposes to ``(n, m)``; ``"auto"`` rotates the
 smaller side, so a rotation is never larger than the rank of the matrix it rotates (the
 tall-matrix hazard: a rotation larger than the rank has columns that span only noise, and

@@ -1,4 +1,4 @@
-r"""Sharing plans: which matrices read from or write to which residual stream (SPEC §8).
+r"""Sharing plans: which matrices read from or write to which residual stream (the paper's §6).
 
 In a pre-norm transformer, rotating the residual stream by :math:`R` leaves the function
 (nearly) unchanged if every *consumer* (``W_Q, W_K, W_V, W_up, W_gate``, LM head, router) is

@@ -144,7 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         seeds=3,
         # Four points for every optimizer. Every matrix method (RMS-matched to 0.2) shares one
         # grid; AdamW's is centred on its own optimum, which exploratory 400-step runs put near
-        # 2e-3 while Muon and ARO-Sinkhorn did best near 1.6e-2 (the "lr transfer" of SPEC §7
+        # 2e-3 while Muon and ARO-Sinkhorn did best near 1.6e-2 (the "lr transfer" of the paper's §5.1
         # does not hold at this scale; see the README).
         lr_grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2),
         # SOAP was first swept on AdamW's grid (its update has Adam's scale); its optimum ran off

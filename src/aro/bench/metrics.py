@@ -1,4 +1,4 @@
-"""The speedup metric (SPEC §7) on validation-loss curves.
+"""The speedup metric (the paper's §5.1) on validation-loss curves.
 
 The speedup of X over a baseline B at budget S is ``S / s_X``, where ``s_X`` is the first step
 at which X's validation loss reaches B's final validation loss, found by linear interpolation

@@ -1,4 +1,4 @@
-r"""Base projections :math:`f` of normed steepest descent (SPEC §3).
+r"""Base projections :math:`f` of normed steepest descent (the paper's §2-§3).
 
 A base projection maps a (rotated) momentum matrix :math:`X \in \mathbb{R}^{m\times n}` to the
 steepest-descent direction of some norm, :math:`f(X) = \arg\max_{\|Z\|\le 1}\langle X, Z\rangle`.
@@ -110,7 +110,7 @@ def rms_normalize(X: Tensor) -> Tensor:
 def identity(X: Tensor) -> Tensor:
     r""":math:`f(X) = X/\mathrm{RMS}(X)`: the Frobenius-norm steepest descent direction.
 
-    With this f, ARO's rotation is the power-iteration eigen-rotation (SPEC §9.2).
+    With this f, ARO's rotation is the power-iteration eigen-rotation (the eigen policy of the paper's §3).
     """
     return rms_normalize(unit_scale(X))
 
@@ -133,7 +133,7 @@ def row_norm(X: Tensor, *, eps: float = 1e-8) -> Tensor:
     r""":math:`f(X) = \sqrt{n}\,D_r(X)^{-1}X`: every row scaled to norm :math:`\sqrt{n}`.
 
     Steepest descent for the max-row-norm; ARO with it converges to Muon's
-    :math:`\sqrt{n}\,UV^\top` (SPEC §9.2). Rows with norm below ``eps`` (relative to the
+    :math:`\sqrt{n}\,UV^\top`, Muon's direction. Rows with norm below ``eps`` (relative to the
     largest entry) or at rounding-noise level (see :func:`_signal_masks`) are set to zero.
     """
     return DiagonalScaling(partial(row_norm_scalings, eps=eps))(X)
@@ -177,7 +177,7 @@ def sinkhorn(
 
     Args:
         X: ``(..., m, n)`` input.
-        num_iters: number of iterations ``K`` (SPEC default 5).
+        num_iters: number of iterations ``K`` (the paper's default 5).
         variant: ``"simultaneous"`` or ``"alternating"``.
         eps: norm floor (relative to the largest entry of ``X``).
     """
@@ -282,7 +282,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(X: Tensor, *, steps: int = 5) -> Tensor:
     r"""Approximate polar factor :math:`UV^\top` by Muon's quintic Newton-Schulz iteration, RMS 1.
 
-    Rotation-equivariant, so ARO with this f is Muon whatever the rotation (SPEC §9.1); with
+    Rotation-equivariant, so ARO with this f is Muon whatever the rotation (a rotation-equivariant f, the paper's §3); with
     ``rotation="identity"`` and ``nesterov=True`` it is Muon with RMS matching, and the benchmark
     uses it for 3-D expert tensors, which :class:`torch.optim.Muon` does not accept.
     Runs in the input's dtype (float32 here), not bf16 as Muon does.
@@ -301,7 +301,7 @@ def newton_schulz(X: Tensor, *, steps: int = 5) -> Tensor:
 
 @dataclass(frozen=True)
 class AdamProjection:
-    r"""Adam as a base projection, with ARO's look-ahead (SPEC §3, "ARO-Adam").
+    r"""Adam as a base projection, with ARO's look-ahead (the paper's §4, "ARO-Adam").
 
     The second moment ``V`` lives in the rotated frame and tracks the squared rotated
     momentum :math:`Z = R^\top M`. Because the new rotation must be built before ``V`` is

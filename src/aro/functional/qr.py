@@ -1,4 +1,4 @@
-r"""Orthonormalization of the cross-Gram: Householder QR and shifted Cholesky QR (SPEC §5).
+r"""Orthonormalization of the cross-Gram: Householder QR and shifted Cholesky QR (the paper's §4, scalable rotation estimation).
 
 ARO's rotation is the Q factor of a square matrix :math:`A` (the cross-Gram). Two backends:
 
@@ -15,7 +15,7 @@ ARO's rotation is the Q factor of a square matrix :math:`A` (the cross-Gram). Tw
   (:math:`\|Q_1^\top Q_1 - I\|_F > 1/2`) falls back to Householder; the count is returned.
 
 Both keep the previous rotation for a matrix whose :math:`A` is zero or not finite
-(SPEC §5, degenerate guard): a step without signal must not reset or corrupt the frame.
+(a degenerate guard): a step without signal must not reset or corrupt the frame.
 The same idea covers a *partially* degenerate :math:`A` (a low-rank momentum, common in real
 networks): :func:`orthonormalize` factors :math:`\hat A + \delta R_{t-1}` with
 :math:`\hat A = A/\|A\|_F` and :math:`\delta = 100\,u`, so the columns for directions
@@ -141,7 +141,7 @@ def orthonormalize(
         A: ``(..., m, m)`` cross-Grams.
         previous: ``(..., m, m)`` previous rotations, kept where ``A`` is zero or not finite.
         method: ``"householder"``, ``"shifted_cholesky"`` or ``"polar"`` (exact Procrustes,
-            for the ablation of SPEC §4).
+            for the paper's QR ablation, §5).
         shift, cholqr2: see :func:`shifted_cholesky_qr`.
     """
     amax = amax_abs(A)

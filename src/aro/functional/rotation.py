@@ -1,4 +1,4 @@
-r"""Rotation policies and the rotated steepest-descent step (SPEC §2, §4, §8).
+r"""Rotation policies and the rotated steepest-descent step (the paper's §3 and §6).
 
 Every method here updates a matrix by :math:`\Delta W \propto -R\,f(R^\top M)` with an
 orthogonal :math:`R` acting on the rows of the (oriented) momentum :math:`M`. They differ in
@@ -13,7 +13,7 @@ how :math:`R_t` is chosen from :math:`M_t` and :math:`R_{t-1}`:
 ``"identity"``     :math:`R = I`: momentum SinkGD / SignGD, no rotation state
 ================  ===============================================================
 
-**Shared rotations** (SPEC §8): one :math:`R` may serve several *members*
+**Shared rotations** (the paper's §6): one :math:`R` may serve several *members*
 :math:`M_1, \dots, M_J` (all :math:`d \times n_j`, the rotated side first). The cross-Gram is
 then estimated either as the **sum** of the members' cross-Grams,
 :math:`A = \sum_j M_j f(R^\top M_j)^\top`, or by applying f to the **stack**
@@ -21,7 +21,7 @@ then estimated either as the **sum** of the members' cross-Grams,
 agree for elementwise f (sign) and differ for Sinkhorn and row-norm, whose row norms span the
 stack. Updates are always per member, :math:`U_j = R f(R^\top M_j)`. A *tall* member
 (:math:`n_j < d`) spans only an :math:`n_j`-dimensional subspace; its rotated momentum has
-:math:`d - n_j` directions of pure noise that Sinkhorn or row-norm would blow up (SPEC §6), so
+:math:`d - n_j` directions of pure noise that Sinkhorn or row-norm would blow up, so
 its update is projected back onto the span of its momentum, :math:`U_j \leftarrow Q_jQ_j^\top U_j`
 with :math:`Q_j` an orthonormal basis of :math:`\mathrm{col}(M_j)`. A single member is
 per-matrix ARO.
