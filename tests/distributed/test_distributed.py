@@ -178,3 +178,25 @@ def test_distbench_reports_the_work_split(tmp_path):
         assert sum(r["qr_per_step_by_rank"]) == 18  # the tiny model's 3 blocks x 6 matrices, each once
         if world == 2:
             assert all(0.3 < s < 0.7 for s in r["rotation_flop_share_by_rank"])  # balanced by cost
+
+
+def test_trainer_ddp_resume_continues_identically(tmp_path):
+    """The Hugging Face Trainer on 2 gloo processes (torchrun) with trainer_optimizer (hybrid, DDP
+    work split): train 6 steps saving at step 3, resume from step 3 in a new launch: the final
+    parameters are bitwise equal and so are the logged losses."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("trainer_script.py")
+    for mode in ("full", "resume"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(script), str(tmp_path), mode]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resume.pt", weights_only=False)
+    assert sorted(full["losses"]) == list(range(1, 7)) and full["losses"] == resumed["losses"]
+    for name, p in full["params"].items():
+        assert torch.equal(p, resumed["params"][name]), name
