@@ -129,3 +129,17 @@ def test_rms_target_matches_each_update():
     torch.testing.assert_close(rms, torch.full((3,), 0.5 * 0.2, dtype=F64), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="rms_target"):
         Dion([p], lr=0.1, rms_target=0.0)
+
+
+def test_state_saved_before_rms_target_existed_loads():
+    p = torch.nn.Parameter(torch.randn(6, 4, generator=_gen(9), dtype=F64))
+    opt = Dion([p], lr=0.1)
+    p.grad = torch.randn(6, 4, generator=_gen(10), dtype=F64)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["rms_target"]
+    fresh = Dion([p], lr=0.1)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["rms_target"] is None
+    fresh.step()

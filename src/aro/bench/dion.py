@@ -100,6 +100,12 @@ class Dion(torch.optim.Optimizer):
                     raise ValueError(f"Dion: {type(p).__name__} parameters (e.g. FSDP2 DTensors) are not supported; "
                                      "this Dion steps whole local matrices")
 
+    def __setstate__(self, state: dict) -> None:
+        """Groups saved before an option existed get its default (load_state_dict calls this)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("rms_target", None)
+
     def _init_state(self, p: Tensor, group: dict) -> dict:
         r = dion_rank(tuple(p.shape), group["rank_fraction"])
         q = torch.randn((*p.shape[:-2], p.shape[-1], r), generator=self._generator, dtype=torch.float32)
