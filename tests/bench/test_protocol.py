@@ -60,6 +60,8 @@ def test_report_rebuilt_from_fixture_logs(tmp_path):
     assert md[0].startswith("| optimizer | lr |") and len(md) == 4
     assert md[2].startswith("| muon (lr at grid edge) | 0.002 |") and md[2].endswith("| 1 | 0 |")
     assert "-0.100 [-0.100, -0.100]*" in md[3]
+    md = format_markdown(summary, ["aro-sinkhorn", "adamw"], versus="aro-sinkhorn").splitlines()
+    assert md[2].endswith("| 0 |") and md[3].endswith("| +0.200 [+0.200, +0.200]* |")
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():

@@ -55,7 +55,7 @@ def _report(args: argparse.Namespace) -> int:
         summary = write_report(Path(run_dir))
         if args.markdown is not None:
             names = _names(args.markdown) or None
-            print(format_markdown(summary, names))
+            print(format_markdown(summary, names, args.versus))
         else:
             print(f"{run_dir}\n{format_table(summary)}")
     if args.budget_figure:
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (aro bench --out)")
     report.add_argument("--markdown", nargs="?", const="", metavar="NAMES",
                         help="print the README's results table (optionally only these comma-separated optimizers)")
+    report.add_argument("--versus", metavar="NAME", help="with --markdown: add the paired final-loss difference "
+                        "against this optimizer")
     report.add_argument("--budget-figure", metavar="PNG",
                         help="also draw speedup against budget for all RUN_DIRs in one figure (one row each)")
     report.set_defaults(func=_report)

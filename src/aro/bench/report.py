@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .optimizers import BASELINES
+from .stats import paired_difference
 from .summary import load_runs, summarize
 
 __all__ = ["budget_figure", "combined_budget_figure", "format_budget_table", "format_markdown", "format_table",
@@ -102,12 +103,13 @@ def format_budget_table(summary: dict) -> str:
         "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup"])
 
 
-def format_markdown(summary: dict, names: list[str] | None = None) -> str:
+def format_markdown(summary: dict, names: list[str] | None = None, versus: str | None = None) -> str:
     """The README's results table: final loss (mean ± std over seeds), speedups vs the baselines
     (geometric mean and paired 95% interval) and the final-loss difference vs Muon (paired 95%
-    interval); * marks an interval that excludes 1 (speedups) or 0 (differences)."""
+    interval); * marks an interval that excludes 1 (speedups) or 0 (differences). ``versus``
+    adds the paired final-loss difference against that optimizer (seed by seed)."""
     head = ["optimizer", "lr", "final val loss", "speedup vs AdamW [95%]", "speedup vs Muon [95%]",
-            "Δ loss vs Muon [95%]"]
+            "Δ loss vs Muon [95%]"] + ([f"Δ loss vs {versus} [95%]"] if versus else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names or list(summary["optimizers"]):
         e = summary["optimizers"].get(name)
@@ -120,9 +122,22 @@ def format_markdown(summary: dict, names: list[str] | None = None) -> str:
             cells.append("1" if base == name else _interval(paired.get(base, {}).get("speedup")).replace(", ", "–"))
         diff = paired.get("muon", {}).get("final_loss_diff") if name != "muon" else None
         cells.append("0" if name == "muon" else _interval(diff, "+.3f"))
+        if versus:
+            cells.append("0" if name == versus else _interval(_paired_vs(summary, name, versus), "+.3f"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
+
+
+def _paired_vs(summary: dict, name: str, other: str) -> dict | None:
+    """Paired final-loss difference ``name − other`` over their common seeds (base budget)."""
+    a, b = summary["optimizers"].get(name), summary["optimizers"].get(other)
+    if not a or not b or "final_val_loss" not in a or "final_val_loss" not in b:
+        return None
+    theirs = dict(zip(b["seeds"], b["final_val_loss"]["per_seed"]))
+    mine = dict(zip(a["seeds"], a["final_val_loss"]["per_seed"]))
+    common = [s for s in a["seeds"] if s in theirs]
+    return paired_difference([mine[s] for s in common], [theirs[s] for s in common])
 
 
 def write_report(out: Path, summary: dict | None = None) -> dict:
