@@ -130,3 +130,17 @@ def test_diagnose_pieces_on_small_cases():
     for p in ("identity", "eigen", "aro", "polar"):
         assert al[p]["std"][0] < 1e-3  # no noise: (nearly) the same update every step, once settled
         assert al[p]["mean"][0] > al[p]["mean"][1]  # noise lowers the alignment
+
+
+def test_state_bytes_counts_tensors_in_lists():
+    """SOAP keeps its Kronecker factors and eigenbases in lists: they count."""
+    from aro.bench.optimizers import OPTIMIZERS
+
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = OPTIMIZERS["soap"].build_matrix(p, 1e-3, 0.0)
+    for _ in range(2):
+        p.grad = torch.randn(4, 6)
+        opt.step()
+    moments = 2 * 24 * 4
+    factors = 2 * (4 * 4 + 6 * 6) * 4  # GG and Q, one 4x4 and one 6x6 each
+    assert state_bytes([opt]) == moments + factors

@@ -53,13 +53,19 @@ LR, WD = 1e-3, 0.1
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
-    total = 0
-    for opt in opts:
-        for st in opt.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor):
-                    total += v.numel() * v.element_size()
-    return total
+    """Bytes of every tensor in the optimizers' state, including tensors held in lists or dicts
+    (SOAP keeps its Kronecker factors and eigenbases in per-dimension lists)."""
+
+    def size(v) -> int:
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
+        if isinstance(v, (list, tuple)):
+            return sum(size(x) for x in v)
+        if isinstance(v, dict):
+            return sum(size(x) for x in v.values())
+        return 0
+
+    return sum(size(st) for opt in opts for st in opt.state.values())
 
 
 def _random_grads(params: list[nn.Parameter], seed: int) -> None:
