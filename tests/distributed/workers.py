@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,12 @@ def ddp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing: 
             opt.step()
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": start + steps,
                     "stats": opt.stats()}, Path(out) / f"ddp_rank{rank}.pt")
+        # Tear DDP down while the process group still lives: a Reducer freed after
+        # destroy_process_group() joins gloo's worker thread while holding the GIL, and that thread
+        # may need the GIL to free a finished work's tensors (a deadlock seen under load).
+        dist.barrier()
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
@@ -205,13 +212,13 @@ def bench_worker(rank: int, world: int, port: int, out: str, mode: str, extra: l
     from aro.bench.cli import main
 
     if crash:
-        real = train._atomic_save
+        real = train.atomic_save
 
         def save_then_die(obj, path):
             real(obj, path)
             raise RuntimeError("simulated crash")
 
-        train._atomic_save = save_then_die
+        train.atomic_save = save_then_die
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)

@@ -109,7 +109,7 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
     interval); * marks an interval that excludes 1 (speedups) or 0 (differences). ``versus``
     adds the paired final-loss difference against that optimizer (seed by seed)."""
     head = ["optimizer", "lr", "final val loss", "speedup vs AdamW [95%]", "speedup vs Muon [95%]",
-            "Δ loss vs Muon [95%]"] + ([f"Δ loss vs {versus} [95%]"] if versus else [])
+            f"Δ loss vs {BASELINES[-1].capitalize()} [95%]"] + ([f"Δ loss vs {versus} [95%]"] if versus else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names or list(summary["optimizers"]):
         e = summary["optimizers"].get(name)
@@ -120,8 +120,9 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
                  _fmt(e["final_val_loss"], 3)]
         for base in BASELINES:
             cells.append("1" if base == name else _interval(paired.get(base, {}).get("speedup")).replace(", ", "–"))
-        diff = paired.get("muon", {}).get("final_loss_diff") if name != "muon" else None
-        cells.append("0" if name == "muon" else _interval(diff, "+.3f"))
+        strongest = BASELINES[-1]  # the loss difference is taken against the stronger baseline
+        diff = paired.get(strongest, {}).get("final_loss_diff") if name != strongest else None
+        cells.append("0" if name == strongest else _interval(diff, "+.3f"))
         if versus:
             cells.append("0" if name == versus else _interval(_paired_vs(summary, name, versus), "+.3f"))
         rows.append("| " + " | ".join(cells) + " |")
