@@ -54,8 +54,8 @@ class ARO(Optimizer):
         \end{aligned}
 
     Every matrix update is RMS-matched to :math:`\rho = 0.2`, AdamW's typical update RMS (the
-    paper's §5.1), which puts the lr on AdamW's scale; the best lr measured by our benchmark is
-    still larger than AdamW's (README, "Choosing a learning rate"). Parameters that are not
+    paper's §5.1), which puts the lr on AdamW's scale; whether AdamW's best lr is also ARO's
+    depends on the training budget (README, "Choosing a learning rate"). Parameters that are not
     matrices (and groups with ``algorithm="adamw"``) get AdamW with ``betas``/``eps``.
 
     Args:
@@ -64,9 +64,10 @@ class ARO(Optimizer):
             AdamW (the paper's hybrid mode). A group may set ``algorithm`` to ``"auto"``
             (default: ndim >= 2 -> ARO), ``"aro"`` or ``"adamw"``, ``matrix_view`` to
             ``"auto"`` or ``"flatten"`` (see :mod:`aro.layout`), and any argument below.
-        lr: learning rate (default 1e-3). Start at about 4x a tuned AdamW lr, or at the lr of
-            ``torch.optim.Muon`` with ``adjust_lr_fn="match_rms_adamw"``, and sweep x2 around
-            it (README, "Choosing a learning rate").
+        lr: learning rate (default 1e-3). Start at a tuned AdamW lr for compute-optimal or
+            longer training (up to 4x it for short runs), or at the lr of ``torch.optim.Muon``
+            with ``adjust_lr_fn="match_rms_adamw"``, and sweep x2 around it (README,
+            "Choosing a learning rate").
         beta: momentum EMA coefficient :math:`\beta` (default 0.95, the paper's).
         weight_decay: decoupled weight decay :math:`\lambda`, both paths (default 0.01, as AdamW).
         base: base projection f: ``"sinkhorn"`` (default, the paper's strongest variant),
