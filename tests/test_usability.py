@@ -21,6 +21,14 @@ def test_import_is_warning_free():
     subprocess.run([sys.executable, "-W", "error", "-c", "import aro, aro.bench.cli"], check=True)
 
 
+def test_import_leaves_heavy_torch_modules_alone():
+    """``import aro`` loads neither DTensor (FSDP2 users load it) nor TorchDynamo (compile users)."""
+    code = ("import sys, aro; bad = [m for m in ('torch.distributed.tensor', 'torch._dynamo') if m in sys.modules]; "
+            "sys.exit(str(bad) if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_misspelled_group_key_names_the_closest():
     model = build_model("tiny", 0)
     with pytest.raises(ValueError, match="'weight_decy'; did you mean 'weight_decay'"):

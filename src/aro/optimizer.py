@@ -8,8 +8,9 @@ ARO path; everything else (and any group with ``algorithm="adamw"``) takes a bui
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 import warnings
-from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -19,8 +20,6 @@ from torch.optim import Optimizer
 from . import state_keys as K
 from .functional.adamw import adamw_
 from .distributed.replicated import replicated_run_units
-from .distributed.sharded import local as _local
-from .distributed.sharded import shard_like, sharded_run_units
 from .engine import expected_shapes, init_state, local_sources, plan_units, run_units, shared_owner
 from .functional.projections import make_projection
 from .validation import validate_group_keys, validate_hyperparameters, validate_param, validate_sharing
@@ -224,15 +223,20 @@ class ARO(Optimizer):
         return algorithm == "aro" or (algorithm == "auto" and p.ndim >= 2)
 
     # ------------------------------------------------------------------ step
-    @torch.compiler.disable(reason="ARO's step is data-dependent batched linear algebra (QR, Sinkhorn, "
-                            "bucketing by shape); compiling it breaks the graph at every such call")
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
         Excluded from ``torch.compile``: ``torch.compile(opt.step)`` (PyTorch's recipe for
         compiled optimizers) runs this step eagerly instead of tracing it into a storm of graph
-        breaks (README, "torch.compile")."""
+        breaks (README, "torch.compile"). The exclusion needs TorchDynamo, which is loaded only
+        where something compiles; importing it here would double the import time of ``aro``.
+        """
+        if "torch._dynamo" in sys.modules:
+            return _eager_step()(self, closure)
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -323,7 +327,11 @@ class ARO(Optimizer):
         needing = params + [group["params"][owners[index[id(p)]][0]] for p in params if index[id(p)] in owners]
         for p in needing:
             if not self.state[p]:
-                wrap = (lambda t, p=p: shard_like(t, p)) if self._mode == "sharded" else None
+                wrap = None
+                if self._mode == "sharded":
+                    from .distributed.sharded import shard_like  # imports torch.distributed.tensor
+
+                    wrap = lambda t, p=p: shard_like(t, p)  # noqa: E731
                 init_state(group, index[id(p)], p, self.state[p], _compute_dtype(p.dtype), wrap=wrap)
         states = [self.state[p] for p in params]
         bufs = [_local(s[K.MOMENTUM]) for s in states]
@@ -346,6 +354,8 @@ class ARO(Optimizer):
             # beta*M + (1-beta)*G on the local rows
             momentum = {id(p): torch.lerp(g, b, group["beta"]) if group["nesterov"] else b
                         for p, g, b in zip(params, grads, bufs)}
+            from .distributed.sharded import sharded_run_units
+
             updates, n_rotations, loads = sharded_run_units(
                 group, units, momentum, self.state, f, self._count, self._process_group, adam
             )
@@ -463,6 +473,19 @@ def _finite_tensors(tensors: list[Tensor]) -> Tensor:
         for i in (~finite).nonzero().flatten().tolist():
             finite[i] = bool(torch.isfinite(torch.stack(torch.aminmax(tensors[i]))).all())
     return finite
+
+
+@functools.cache
+def _eager_step() -> Callable[..., Any]:
+    """``ARO._step`` excluded from TorchDynamo: one recorded skip, then the eager step."""
+    return torch.compiler.disable(ARO._step, reason="ARO's step is data-dependent batched linear algebra (QR, "
+                                  "Sinkhorn, bucketing by shape); tracing it breaks the graph at every such call")
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard, any other tensor itself (without importing torch.distributed.tensor,
+    which ``import aro`` avoids: it is slow to import and only FSDP2 users need it)."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _is_dtensor(t: Any) -> bool:
