@@ -161,8 +161,10 @@ def write_report(out: Path, summary: dict | None = None) -> dict:
 
 
 def _colors(names):
-    cmap = _plt().get_cmap("tab20")
-    return {n: cmap(i % 20) for i, n in enumerate(names)}
+    """Distinct colors: tab10 while it suffices (tab20 pairs similar shades side by side)."""
+    size = 10 if len(names) <= 10 else 20
+    cmap = _plt().get_cmap(f"tab{size}")
+    return {n: cmap(i % size) for i, n in enumerate(names)}
 
 
 def _val_loss_figure(plt, summary, runs, path):
