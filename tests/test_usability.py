@@ -279,3 +279,29 @@ def test_trainer_helper_keeps_the_hybrid_split(tmp_path):
     assert trainer.optimizer.optimizer is opt or trainer.optimizer is opt
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
     assert "rotation" in opt.state[model.model.layers[0].self_attn.q_proj.weight]
+
+
+def test_foreign_group_keys_are_kept_with_a_warning():
+    model = build_model("tiny", 0)
+    with pytest.warns(UserWarning, match="'name' is not an ARO option") as record:
+        opt = aro.ARO([{"params": list(model.parameters()), "name": "all", "lr_mult": 1.0}])
+    assert record[0].filename == __file__  # points at the caller
+    assert opt.param_groups[0]["name"] == "all"
+    with pytest.raises(ValueError, match="'momentum'; did you mean 'beta'"):
+        aro.ARO([{"params": list(model.parameters()), "momentum": 0.9}])
+
+
+def test_state_saved_through_a_compiled_or_ddp_wrapper_loads():
+    model = build_model("tiny", 0)
+    opt = aro.ARO(aro.param_groups(model), lr=1e-3)
+    model.loss(*_batch()).backward()
+    opt.step()
+    state = opt.state_dict()
+    for group in state["param_groups"]:  # as saved from torch.compile(model) under DDP
+        group["param_names"] = ["module._orig_mod." + n for n in group["param_names"]]
+    fresh = aro.ARO(aro.param_groups(model), lr=1e-3)
+    fresh.load_state_dict(state)
+    for group in state["param_groups"]:
+        group["param_names"] = list(reversed(group["param_names"]))
+    with pytest.raises(ValueError, match=r"at index 0: '.*' here, '.*' saved"):
+        aro.ARO(aro.param_groups(model), lr=1e-3).load_state_dict(state)

@@ -24,6 +24,7 @@ checked against ``model.parameters()``.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -64,8 +65,9 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
             roles[id(weight)] = "conv"
         elif leaf in _ROUTER_NAMES and weight.ndim >= 2:
             roles[id(weight)] = "router"
+    layer_weights = {id(p) for m in model.modules() if isinstance(m, _LAYERS) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():
-        if id(p) not in roles and p.ndim >= 2 and _is_token_parameter(name, p):
+        if id(p) not in roles and id(p) not in layer_weights and p.ndim >= 2 and _is_token_parameter(name, p):
             roles[id(p)] = "embedding"
     out: "OrderedDict[str, tuple[Tensor, str]]" = OrderedDict()
     for name, p in model.named_parameters():  # deduplicates tied tensors
@@ -76,16 +78,17 @@ def classify_parameters(model: nn.Module) -> "OrderedDict[str, tuple[Tensor, str
     return out
 
 
+_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 _TOKEN_NAMES = ("cls_token", "dist_token", "mask_token", "register_tokens", "reg_token", "pos_embed",
                 "position_embedding", "position_embeddings", "pos_embedding", "positional_embedding")
 
 
 def _is_token_parameter(name: str, p: Tensor) -> bool:
-    """A parameter used as an embedding rather than multiplied as a matrix: a class, register or
-    position token of a vision transformer, by name, or any raw parameter with a size-1 leading
-    dimension (``(1, 1, d)``, ``(1, N, d)``), which no rotation could usefully act on."""
+    """A raw parameter (not a layer's weight) used as an embedding rather than multiplied as a
+    matrix: a class, register or position token of a vision transformer, by name, or one with a
+    size-1 leading dimension (``(1, 1, d)``, ``(1, N, d)``), which no rotation could act on."""
     leaf = name.rsplit(".", 1)[-1]
-    return leaf in _TOKEN_NAMES or 1 in tuple(p.shape[:-1])
+    return leaf in _TOKEN_NAMES or p.shape[0] == 1
 
 
 def _find_head(model: nn.Module, vocab: int) -> nn.Module | None:
@@ -101,18 +104,21 @@ def _find_head(model: nn.Module, vocab: int) -> nn.Module | None:
         if isinstance(getattr(found, "weight", None), Tensor):
             return found
     modules = list(model.named_modules())
+    by_depth = sorted(modules, key=lambda nm: nm[0].count("."))  # the shallowest match wins
     for names in (_HEAD_NAMES, _CLASSIFIER_NAMES):
-        for name, module in modules:
+        for name, module in by_depth:
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in names or (names is _CLASSIFIER_NAMES and name == "fc"):
+            if name and (leaf in names or (names is _CLASSIFIER_NAMES and name == "fc")):
                 found = _last_linear(module)
                 if found is not None:
                     return found
     by_vocab = [m for _, m in modules if isinstance(m, nn.Linear) and vocab and m.out_features == vocab]
     if by_vocab:
         return by_vocab[-1]
-    leaves = [m for _, m in modules if not list(m.children()) and list(m.parameters(recurse=False))]
-    return leaves[-1] if leaves and isinstance(leaves[-1], nn.Linear) else None
+    # an output layer registered last at the top level (or last in a Sequential model); never a
+    # module inside a block, whose last Linear is a hidden matrix
+    top = [m for name, m in modules if name and "." not in name and list(m.parameters())]
+    return top[-1] if top and isinstance(top[-1], nn.Linear) else None
 
 
 def _last_linear(module: nn.Module) -> nn.Module | None:
@@ -170,7 +176,11 @@ def param_groups(model: nn.Module, mode: str = "hybrid", sharing: str = "none",
             aro.append((name, p))
     spared = {name for name, (_, role) in roles.items() if role in no_decay}
     if sharing != "none":  # a shared rotation's members must stay in one group
-        spared -= {name for name, _ in aro}
+        kept = sorted(spared & {name for name, _ in aro})
+        if kept:
+            warnings.warn(f"no_decay: {kept} stay in the ARO group and are decayed, because sharing={sharing!r} "
+                          "keeps every member of a shared rotation in one group", UserWarning, stacklevel=2)
+        spared -= set(kept)
     groups = []
     if aro:
         group: dict[str, Any] = {"params": [(n, p) for n, p in aro if n not in spared], "algorithm": "aro",

@@ -232,7 +232,7 @@ class ARO(Optimizer):
         where something compiles; importing it here would double the import time of ``aro``.
         """
         if "torch._dynamo" in sys.modules:
-            return _eager_step()(self, closure)
+            return _eager_step(type(self))(self, closure)
         return self._step(closure)
 
     @torch.no_grad()
@@ -267,7 +267,7 @@ class ARO(Optimizer):
                 f"{'; '.join(skipped)} (nonfinite='skip'; state untouched; see ARO.stats()['nonfinite_skips']). "
                 "Further skips are counted, not warned.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,  # the caller of opt.step(), past step, _step and torch's step wrapper
             )
         return loss
 
@@ -476,9 +476,9 @@ def _finite_tensors(tensors: list[Tensor]) -> Tensor:
 
 
 @functools.cache
-def _eager_step() -> Callable[..., Any]:
-    """``ARO._step`` excluded from TorchDynamo: one recorded skip, then the eager step."""
-    return torch.compiler.disable(ARO._step, reason="ARO's step is data-dependent batched linear algebra (QR, "
+def _eager_step(cls: type) -> Callable[..., Any]:
+    """``cls._step`` excluded from TorchDynamo: one recorded skip, then the eager step."""
+    return torch.compiler.disable(cls._step, reason="ARO's step is data-dependent batched linear algebra (QR, "
                                   "Sinkhorn, bucketing by shape); tracing it breaks the graph at every such call")
 
 
@@ -519,7 +519,21 @@ def _normalize_process_group(pg: Any) -> Any:
 
 
 _REGROUP = ("rebuild the optimizer with the grouping it was saved with (the same aro.param_groups(model, mode=..., "
-            "sharing=...)), or load only the model and start a fresh optimizer")
+            "sharing=..., no_decay=...); checkpoints from before no_decay existed need no_decay=()), or load only "
+            "the model and start a fresh optimizer")
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter name without the prefixes torch.compile, DDP and FSDP1 wrappers add."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+        name = name.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
+    return name
 
 
 def _sharing_plan(group: dict[str, Any]) -> list | None:
@@ -540,10 +554,14 @@ def _check_grouping(saved_groups: list[dict[str, Any]], groups: list[dict[str, A
             raise ValueError(f"param_groups[{g}]: saved with {describe(theirs)}, this optimizer has {describe(mine)}: "
                              f"the sharing plan differs; {_REGROUP}")
         names, saved_names = group.get("param_names"), saved.get("param_names")
-        if names is not None and saved_names is not None and list(names) != list(saved_names):
-            diff = next(i for i, (a, b) in enumerate(zip(list(names) + [None], list(saved_names) + [None])) if a != b)
-            raise ValueError(f"param_groups[{g}] holds other parameters than the saved one (first difference at "
-                             f"index {diff}); the grouping differs; {_REGROUP}")
+        if names is not None and saved_names is not None:
+            mine_n, theirs_n = [_unwrapped(n) for n in names], [_unwrapped(n) for n in saved_names]
+            if mine_n != theirs_n:
+                i = next(i for i, (a, b) in enumerate(zip(mine_n + [None], theirs_n + [None])) if a != b)
+                here = mine_n[i] if i < len(mine_n) else "nothing"
+                there = theirs_n[i] if i < len(theirs_n) else "nothing"
+                raise ValueError(f"param_groups[{g}] holds other parameters than the saved one (at index {i}: "
+                                 f"{here!r} here, {there!r} saved); the grouping differs; {_REGROUP}")
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"param_groups[{g}] has {len(group['params'])} parameters, the saved one "
                              f"{len(saved['params'])}: the grouping differs; {_REGROUP}")
@@ -553,6 +571,9 @@ def _is_named(group: dict[str, Any]) -> bool:
     params = group["params"]
     if isinstance(params, Tensor):
         return False
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs; use a list")
     params = list(params)
     group["params"] = params  # a generator is read once
     return "param_names" in group or (bool(params) and isinstance(params[0], tuple))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -28,15 +29,38 @@ OTHER_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "
                               "max_momentum", "swa_lr", "lr_scale"})
 
 
+# Keys from other optimizers' vocabularies, with ARO's name for the same thing.
+KEY_HINTS = {"momentum": "beta", "dampening": "beta", "lr_decay": "weight_decay", "decay": "weight_decay"}
+
+
 def validate_group_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """A key that is neither a hyperparameter nor a known scheduler key is a typo: ValueError
-    naming it and the closest valid key."""
+    """A key close to a valid one is a typo: ValueError naming it and the closest valid key (torch
+    would keep it and silently use the default). Any other unknown key (a framework's ``name``,
+    ``lr_mult``, ``layer_id`` ...) is kept, as torch keeps it, with a warning that ARO ignores it."""
     valid = set(defaults) | OTHER_GROUP_KEYS
     for key in group:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), sorted(valid), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(valid)}"
-            raise ValueError(f"Invalid param group key {key!r}{hint}")
+        if key in valid:
+            continue
+        close = [KEY_HINTS[key]] if key in KEY_HINTS else difflib.get_close_matches(str(key), sorted(valid), n=1,
+                                                                                     cutoff=0.75)
+        if close:
+            raise ValueError(f"Invalid param group key {key!r}; did you mean {close[0]!r}?")
+        warnings.warn(f"param group key {key!r} is not an ARO option; it is kept in the group and ignored",
+                      UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The stack level of the first frame outside aro and torch.optim (the user's call)."""
+    import inspect
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    optim = os.path.dirname(os.path.abspath(torch.optim.__file__))
+    for level, frame in enumerate(inspect.stack()[1:], start=1):
+        path = os.path.abspath(frame.filename)
+        if not (path.startswith(here) or path.startswith(optim)):
+            return level
+    return 1
 
 
 def validate_param(group: dict[str, Any], p: Any, label: str) -> None:

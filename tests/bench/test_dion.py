@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from aro.bench.dion import Dion, dion_rank, dion_update
+from aro.bench.dion import Dion, dion_rank, dion_update, initial_factor
 
 F64 = torch.float64
 
@@ -81,7 +81,7 @@ def test_optimizer_step_matches_the_algorithm():
     X0 = torch.randn(6, 4, generator=g, dtype=F64)
     p = torch.nn.Parameter(X0.clone())
     opt = Dion([p], lr=0.1, mu=0.9, rank_fraction=0.5, weight_decay=0.2, seed=7)
-    Q0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(7)).to(F64)
+    Q0 = initial_factor((6, 4), 2, seed=7, index=0).to(F64)
     grads = [torch.randn(6, 4, generator=g, dtype=F64) for _ in range(3)]
     M, Q, X = torch.zeros_like(X0), Q0, X0.clone()
     for G in grads:
@@ -143,3 +143,17 @@ def test_state_saved_before_rms_target_existed_loads():
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["rms_target"] is None
     fresh.step()
+
+
+def test_initial_factor_depends_on_seed_and_index_only():
+    a = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in range(2)]
+    b = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in range(2)]
+    opt_a, opt_b = Dion(a, lr=0.1, seed=3), Dion(b, lr=0.1, seed=3)
+    g0, g1 = torch.randn(5, 3, generator=_gen(11)), torch.randn(5, 3, generator=_gen(12))
+    a[0].grad, a[1].grad = g0, g1.clone()
+    opt_a.step()
+    b[1].grad = g1.clone()  # the second matrix stepped first (as after a resume)
+    opt_b.step()
+    assert torch.equal(opt_a.state[a[1]]["Q"], opt_b.state[b[1]]["Q"])
+    assert torch.equal(a[1].detach(), b[1].detach())
+    assert not torch.equal(initial_factor((5, 3), 1, 3, 0), initial_factor((5, 3), 1, 3, 1))

@@ -222,8 +222,8 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(BenchConfig)
 
 
-# One line of help per field; the default shown is the quick preset's value (each preset sets
-# its own: `aro bench --preset NAME --help` shows that preset's).
+# One line of help per field; the help shows the quick preset's value (the default preset; any
+# other preset sets its own values, listed in PRESETS below).
 FIELD_HELP = {
     "preset": "preset to start from; every other flag overrides one of its values",
     "optimizers": "comma-separated registry names (listed below)",

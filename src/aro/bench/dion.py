@@ -17,8 +17,8 @@ did not apply stays in the momentum untouched, and with full rank on the short s
 (M ← μ B: plain momentum). The step is scaled by √(fan_out / fan_in), the authors' default
 ("spectral_norm" scaling), with one lr shared with the AdamW part as in their training configs.
 
-Q starts as a Gaussian matrix from a generator seeded by ``seed`` (the state is then in the
-checkpoint, so a resumed run continues exactly). A column of R that is exactly zero (B is zero,
+Q starts as a Gaussian matrix drawn from ``(seed, parameter index)`` alone (then it is in the
+state, so a resumed run continues exactly, also for a matrix first stepped after the resume). A column of R that is exactly zero (B is zero,
 e.g. a matrix whose gradient is zero) keeps its previous Q column: a zero Q would make every
 later B Q zero and stall the power iteration for good.
 """
@@ -31,7 +31,7 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Dion", "DionStep", "dion_rank", "dion_update"]
+__all__ = ["Dion", "DionStep", "dion_rank", "dion_update", "initial_factor"]
 
 
 def dion_rank(shape: tuple[int, ...], rank_fraction: float) -> int:
@@ -62,6 +62,13 @@ def dion_update(B: Tensor, Q: Tensor, mu: float) -> DionStep:
     return DionStep(P, P @ direction.mT, momentum, Q_next)
 
 
+def initial_factor(shape: tuple[int, ...], r: int, seed: int, index: int) -> Tensor:
+    """The Gaussian initial Q (``... x n x r``, float32) of the ``index``-th parameter: a function of
+    ``(seed, index)`` alone, so a matrix first stepped after a resume draws what it would have."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randn((*shape[:-2], shape[-1], r), generator=g, dtype=torch.float32)
+
+
 class Dion(torch.optim.Optimizer):
     """Dion on matrices (2-D, or 3-D and more with leading batch dimensions).
 
@@ -71,7 +78,7 @@ class Dion(torch.optim.Optimizer):
         mu: momentum decay μ (paper: 0.95).
         rank_fraction: r = ⌈rank_fraction · min(m, n)⌉ (1.0: full rank).
         weight_decay: decoupled, ``X ← (1 − lr·λ) X``.
-        seed: seeds the Gaussian initial Q of each matrix, in parameter order.
+        seed: with the parameter's index, seeds the Gaussian initial Q of each matrix.
         rms_target: ``None`` (default): the authors' ``sqrt(m / n)`` step scale; a number: each
             matrix's update rescaled to that RMS instead (0.2: the benchmark's RMS matching).
     """
@@ -90,7 +97,8 @@ class Dion(torch.optim.Optimizer):
             raise ValueError(f"Dion: rms_target must be > 0 or None, got {rms_target!r}")
         super().__init__(params, dict(lr=lr, mu=mu, rank_fraction=rank_fraction, weight_decay=weight_decay,
                                       rms_target=rms_target))
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -108,7 +116,7 @@ class Dion(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         r = dion_rank(tuple(p.shape), group["rank_fraction"])
-        q = torch.randn((*p.shape[:-2], p.shape[-1], r), generator=self._generator, dtype=torch.float32)
+        q = initial_factor(tuple(p.shape), r, self._seed, self._index[id(p)])
         state = self.state[p]
         state["momentum"] = torch.zeros_like(p)
         state["Q"] = q.to(device=p.device, dtype=p.dtype)

@@ -12,9 +12,10 @@ Two speedups per budget K and baseline B:
 * the crossing speedup (:mod:`aro.bench.metrics`): within one schedule of K, how early X reaches
   B's final loss. X is then mid-schedule, so this understates X;
 * the schedule-fair speedup: the budget K* at which X's *final* loss (each point a whole
-  schedule) equals B's final loss at K, interpolated linearly in log-budget between X's ladder
-  points, and the speedup is K / K* ("X needs K*/K of the data"). Undefined (None) where B's loss
-  lies outside X's ladder (no extrapolation).
+  schedule, the mean over that budget's seeds) equals B's final loss at K, interpolated linearly
+  in log-budget between X's ladder points, and the speedup is K / K* ("X needs K*/K of the
+  data"); where the ladder crosses the target twice, the crossing at the larger budget. Undefined
+  (None) where B's loss lies outside X's ladder (no extrapolation; a bound is given instead).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def ladder_runs(cfg, chosen: dict[str, float]) -> list[RunSpec]:
         for seed in range(cfg.budget_seeds):
             specs += [RunSpec(name, chosen[name], seed, cfg.budget_steps(budget)) for name in cfg.optimizers]
     longest = max(cfg.budgets)
+    if longest == 1:  # the sweep at budget 1 is the check (its runs would enter the sweep)
+        return specs
     for name in cfg.optimizers:
         specs += [RunSpec(name, round_lr(chosen[name] * f), 0, cfg.budget_steps(longest)) for f in LR_CHECK_FACTORS]
     return specs
@@ -106,7 +109,9 @@ def schedule_fair_speedup(budget: float, target_loss: float, ladder: list[tuple[
     """K / K*, where X's final loss, interpolated linearly in log-budget over ``ladder``
     ((budget, final loss) pairs of X), equals ``target_loss`` at K*. None outside the ladder."""
     points = sorted((k, loss) for k, loss in ladder if loss is not None and math.isfinite(loss))
-    for (k0, l0), (k1, l1) in zip(points, points[1:]):
+    # a ladder that is not monotone can cross the target twice: take the crossing at the largest
+    # budget, the least favourable to X
+    for (k0, l0), (k1, l1) in reversed(list(zip(points, points[1:]))):
         lo, hi = min(l0, l1), max(l0, l1)
         if lo <= target_loss <= hi:
             if l0 == l1:

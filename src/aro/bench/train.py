@@ -207,6 +207,7 @@ def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) 
         "diverged": diverged,
         "step_time_s": statistics.median(steps[skip:]) if steps[skip:] else None,
         "optimizer_step_time_s": statistics.median(opts[skip:]) if opts[skip:] else None,
+        "threads": torch.get_num_threads(),  # the step times are comparable only at one thread count
         "optimizer_stats": stats,
     }
 
