@@ -75,6 +75,13 @@ def train_single(steps: int, sharing: str, start: int = 0, model=None, opt=None,
     return model, opt
 
 
+def _teardown() -> None:
+    """Free what references the process group, then destroy it (see aro.bench.distbench._teardown;
+    every worker passes a barrier at the end of its work, outside the ``finally``)."""
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -108,7 +115,7 @@ def ddp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing: 
         del ddp
         gc.collect()
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _exact_sharded_grads(model, x, y) -> None:
@@ -171,8 +178,9 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, steps: int, sharing:
         if rank == 0:
             Path(out, "dcp", "step.txt").write_text(str(start + steps))
         torch.save({"params": full, "rotations": rotations, "stats": opt.stats()}, Path(out) / f"fsdp_rank{rank}.pt")
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def fsdp_nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -201,8 +209,9 @@ def fsdp_nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"target": target, "names": names, "warned": [str(w.message) for w in caught],
                     "unchanged": [n for n in names if torch.equal(before[n], after[n])],
                     "stats": opt.stats()}, Path(out) / f"nonfinite_rank{rank}.pt")
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def bench_worker(rank: int, world: int, port: int, out: str, mode: str, extra: list[str], crash: bool = False) -> None:

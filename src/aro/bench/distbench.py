@@ -16,6 +16,7 @@ exact regardless, the times then show the oversubscription.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -43,6 +44,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _teardown() -> None:
+    """Free what still references the process group, then destroy it. Every worker first passes a
+    barrier at the end of its work: a rank that closes its gloo sockets while a peer's transport
+    thread still reads them aborts that peer ("terminate called without an active exception"). The
+    barrier is not in a ``finally``: a rank that failed must exit, not wait for its peers."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: str, warmup: int, repeats: int,
@@ -81,8 +91,9 @@ def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: s
         row = {"rank": rank, "step_ms": 1e3 * statistics.median(times), "qr_per_step": stats["qr_per_step"],
                "rotation_cost_by_rank": stats["rotation_cost_by_rank"]}
         Path(out, f"rank{rank}.json").write_text(json.dumps(row))
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def run_distbench(*, preset: str, worlds: list[int], modes: list[str], sharing: str = "none", warmup: int = 3,
