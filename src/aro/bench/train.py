@@ -184,6 +184,8 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         atomic_write_text(result_path, json.dumps(result, indent=1))
         if ckpt_path.exists():
             ckpt_path.unlink()
+        for stale in run_dir.glob(".*.tmp*"):  # a write cut short by a kill before this run resumed
+            stale.unlink()
     par.barrier()  # the run's files are complete before any rank moves on
     return result
 
