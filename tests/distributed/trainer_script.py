@@ -9,6 +9,7 @@ checkpoint and trains to step 6. Rank 0 writes the final parameters and the logg
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -43,6 +44,12 @@ def main(out: str, mode: str) -> None:
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses},
                    Path(out) / f"{mode}.pt")
+    # tear the process group down together (a rank exiting while a peer's gloo thread still reads
+    # its sockets aborts that peer)
+    dist.barrier()
+    del trainer
+    gc.collect()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
