@@ -74,12 +74,17 @@ def test_norm_gains_and_biases_get_no_weight_decay_by_default():
     assert "tok_emb.weight" in {n for g in with_emb if g.get("weight_decay") == 0.0 for n, _ in g["params"]}
 
 
-def test_loading_state_of_another_grouping_says_so():
-    model = build_model("small", 0)
+def _stepped_state(preset: str):
+    """A model and the state dict of a hybrid ARO after one step on it."""
+    model = build_model(preset, 0)
     opt = aro.ARO(aro.param_groups(model), lr=1e-3)
     model.loss(*_batch()).backward()
     opt.step()
-    state = opt.state_dict()
+    return model, opt.state_dict()
+
+
+def test_loading_state_of_another_grouping_says_so():
+    model, state = _stepped_state("small")
     chained = aro.ARO(aro.param_groups(model, sharing="chain"), lr=1e-3)
     with pytest.raises(ValueError, match="sharing plan differs.*rebuild the optimizer"):
         chained.load_state_dict(state)
@@ -292,11 +297,7 @@ def test_foreign_group_keys_are_kept_with_a_warning():
 
 
 def test_state_saved_through_a_compiled_or_ddp_wrapper_loads():
-    model = build_model("tiny", 0)
-    opt = aro.ARO(aro.param_groups(model), lr=1e-3)
-    model.loss(*_batch()).backward()
-    opt.step()
-    state = opt.state_dict()
+    model, state = _stepped_state("tiny")
     for group in state["param_groups"]:  # as saved from torch.compile(model) under DDP
         group["param_names"] = ["module._orig_mod." + n for n in group["param_names"]]
     fresh = aro.ARO(aro.param_groups(model), lr=1e-3)
