@@ -1,6 +1,6 @@
 r"""The test oracle: ARO written straight from the equations, in float64 NumPy, one matrix at a time.
 
-No batching, no scaling-vector Sinkhorn, no torch: every line is a line of SPEC §2-§3. The tests
+No batching, no scaling-vector Sinkhorn, no torch: every line is a line of the paper's §2-§3. The tests
 compare :class:`aro.ARO` (in float64) against it. It is slow and meant only for small matrices.
 
 Matches the library in the places where the library makes a choice the paper leaves open:

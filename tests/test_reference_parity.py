@@ -96,3 +96,59 @@ def test_orientation_override_is_stored_and_sizes_the_rotation():
     opt.step()
     assert opt.state[p]["orientation"] == "cols"
     assert opt.state[p]["rotation"].shape == (9, 9)
+
+
+# Not sign: ARO-Sign's rotated momentum has entries at rounding level (cofactors of a +-1 matrix),
+# whose sign the two computations legitimately round differently; the oracle test covers sign.
+@pytest.mark.parametrize("base", ["sinkhorn", "row_norm", "identity"])
+def test_the_batched_folded_optimizer_equals_the_readable_reference(base):
+    """aro.ARO (buckets, folded diagonal scalings, warm-started QR, orientation) against
+    aro.functional.reference.aro_update, matrix by matrix, three steps in float64."""
+    from aro.functional.projections import make_projection
+    from aro.functional.reference import aro_update
+
+    torch.manual_seed(0)
+    shapes = [(6, 9), (6, 9), (5, 7), (12, 4)]  # two share a bucket; the last is tall: rotated on its columns
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    opt = aro.ARO(params, lr=0.05, weight_decay=0.1, base=base, nesterov=False)
+    f = make_projection(base)
+    W = [p.detach().clone() for p in params]
+    M = [torch.zeros_like(w) for w in W]
+    R = [torch.eye(min(s), dtype=torch.float64) for s in shapes]
+    for _ in range(3):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for k, g in enumerate(grads):
+            M[k] = 0.95 * M[k] + 0.05 * g
+            tall = shapes[k][0] > shapes[k][1]
+            U, R[k] = aro_update(M[k].T if tall else M[k], R[k], f)
+            W[k] = (1 - 0.05 * 0.1) * W[k] - 0.05 * (U.T if tall else U)
+    for p, w, r in zip(params, W, R):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["rotation"], r, rtol=1e-9, atol=1e-10)
+
+
+def test_a_projection_registered_in_one_place_runs_and_matches_the_reference(monkeypatch):
+    """README "Extending aro": adding f to STATELESS_PROJECTIONS is all aro.ARO needs."""
+    from aro.functional import projections
+    from aro.functional.numerics import rms_normalize, unit_scale
+    from aro.functional.reference import aro_update
+
+    def col_norm(X):
+        X = unit_scale(X)
+        return rms_normalize(X / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min(1e-8))
+
+    with pytest.raises(ValueError, match="base"):
+        aro.ARO([torch.nn.Parameter(torch.randn(4, 6))], base="col_norm")
+    monkeypatch.setitem(projections.STATELESS_PROJECTIONS, "col_norm", col_norm)
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(5, 8, dtype=torch.float64))
+    W0 = p.detach().clone()
+    opt = aro.ARO([p], lr=0.1, weight_decay=0.0, base="col_norm", nesterov=False)
+    p.grad = torch.randn(5, 8, dtype=torch.float64)
+    opt.step()
+    U, R = aro_update(0.05 * p.grad, torch.eye(5, dtype=torch.float64), col_norm)
+    torch.testing.assert_close(p.detach(), W0 - 0.1 * U, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(opt.state[p]["rotation"], R, rtol=1e-9, atol=1e-10)

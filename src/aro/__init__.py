@@ -6,7 +6,7 @@
 See :class:`aro.ARO` for the algorithm, :mod:`aro.functional` for the pure tensor functions.
 """
 
-from . import diagnostics, functional, state_keys
+from . import diagnostics, functional, state_schema
 from .functional import householder_qr, orthonormalize, rotated_step, shifted_cholesky_qr, sign, sinkhorn
 from .groups import classify_parameters, param_groups
 from .optimizer import ARO
@@ -27,5 +27,5 @@ __all__ = [
     "shifted_cholesky_qr",
     "sign",
     "sinkhorn",
-    "state_keys",
+    "state_schema",
 ]

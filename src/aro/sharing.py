@@ -83,7 +83,7 @@ def _side(module: nn.Module | None, p: Tensor, role: str, d: int) -> str | None:
     return side if size == d else None
 
 
-def _owner_modules(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+def _modules_holding(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
     """id(param) -> (leaf name, module holding it) for every parameter."""
     out = {}
     for mod_name, module in model.named_modules():
@@ -107,11 +107,11 @@ def plan_residual_stream(
         return [], list(aro_names), 0
     prefix, block_list = blocks
     L = len(block_list)
-    owners = _owner_modules(model)
+    holding = _modules_holding(model)
     placements, left = [], []
     for name in aro_names:
         p, role_kind = roles[name]
-        leaf, module = owners[id(p)]
+        leaf, module = holding[id(p)]
         stream = None
         if role_kind == "embedding":
             role, stream = "producer", 0

@@ -31,11 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import state_keys as K
+from . import state_schema as S
 from .diagnostics import cosine, orthogonality_error, relative_gain, rotation_objective
-from .engine import shared_owner
-from .functional.projections import make_projection
-from .layout import matrix_shape, oriented
+from .layout import oriented
 
 __all__ = ["Telemetry"]
 
@@ -72,7 +70,7 @@ class Telemetry:
         for group in opt.param_groups:
             for p in group["params"]:
                 st = opt.state.get(p, {})
-                rot = st.get(K.ROTATION)
+                rot = st.get(S.ROTATION)
                 self._before[id(p)] = (p.detach().clone(), None if rot is None else rot.clone())
 
     @torch.no_grad()
@@ -82,15 +80,13 @@ class Telemetry:
             return
         lines = []
         for group in opt.param_groups:
-            owners = shared_owner(group) if group.get("shared") else {}
+            spec = opt.spec(group)
             names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
-            f = None
             for i, p in enumerate(group["params"]):
                 st = opt.state.get(p, {})
-                if K.ORIENTATION not in st or id(p) not in self._before:
+                if S.ORIENTATION not in st or id(p) not in self._before:
                     continue
-                f = f or _projection(group)
-                lines.append(self._matrix_line(group, names[i], p, st, owners.get(i), f))
+                lines.append(self._matrix_line(group, spec, names[i], p, st, spec.sharing.holder_of.get(i)))
         stats = opt.stats() if hasattr(opt, "stats") else {}
         lines.append({"step": self.steps, "counters": {k: v for k, v in stats.items() if not isinstance(v, list)}})
         for line in lines:
@@ -103,17 +99,18 @@ class Telemetry:
                         self._writer.add_scalar(f"{key}/{line['param']}", line[key], self.steps)
         self._before = {}
 
-    def _matrix_line(self, group: dict, name: str, p: Tensor, st: dict, owner, f) -> dict[str, Any]:
+    def _matrix_line(self, group: dict, spec, name: str, p: Tensor, st: dict, holder) -> dict[str, Any]:
         W0, R0 = self._before[id(p)]
-        ms = matrix_shape(tuple(p.shape), st[K.ORIENTATION], group["matrix_view"])
-        dtype = st[K.MOMENTUM].dtype
-        M = oriented(st[K.MOMENTUM].to(dtype), ms)
+        f = None if spec.stateful_f else spec.f  # the Adam projection's f depends on its state
+        ms = spec.matrix_shape(p, st[S.ORIENTATION])
+        dtype = st[S.MOMENTUM].dtype
+        M = oriented(st[S.MOMENTUM].to(dtype), ms)
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         U = oriented(((1 - lr * wd) * W0.to(dtype) - p.detach().to(dtype)) / lr if lr else torch.zeros_like(M), ms)
-        R = st.get(K.ROTATION)
-        if R is None and owner is not None:  # a member of a shared rotation: its owner holds it
-            R = self.optimizer.state[group["params"][owner[0]]].get(K.ROTATION)
-            R0 = self._before[id(group["params"][owner[0]])][1]
+        R = st.get(S.ROTATION)
+        if R is None and holder is not None:  # a member of a shared rotation: its holder has it
+            R = self.optimizer.state[group["params"][holder[0]]].get(S.ROTATION)
+            R0 = self._before[id(group["params"][holder[0]])][1]
         line: dict[str, Any] = {"step": self.steps, "param": name, "shape": list(p.shape),
                                 "update_rms": _mean(U.square().mean(dim=(-2, -1)).sqrt()),
                                 "cos_update_momentum": _mean(cosine(U, M)),
@@ -143,13 +140,6 @@ class Telemetry:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _projection(group: dict):
-    if group["base"] == "adam":
-        return None
-    return make_projection(group["base"], sinkhorn_iters=group["sinkhorn_iters"],
-                           sinkhorn_variant=group["sinkhorn_variant"])
 
 
 def _mean(t: Tensor) -> float:

@@ -15,12 +15,12 @@ from .functional.qr import QR_METHODS
 from .functional.rotation import ESTIMATORS, ROTATION_POLICIES
 from .layout import MATRIX_VIEWS, ORIENTATIONS, matrix_shape
 
-__all__ = ["ALGORITHMS", "BASE_NAMES", "NONFINITE_POLICIES", "OTHER_GROUP_KEYS", "validate_group_keys",
-           "validate_hyperparameters", "validate_param", "validate_sharing"]
+__all__ = ["ALGORITHMS", "base_names", "NONFINITE_POLICIES", "OTHER_GROUP_KEYS", "index_of", "is_named", "name_group",
+           "param_label", "stepping_params", "validate_group_keys", "validate_hyperparameters", "validate_param",
+           "validate_sharing"]
 
 ALGORITHMS = ("auto", "aro", "adamw")
 NONFINITE_POLICIES = ("skip", "raise")
-BASE_NAMES = tuple(sorted(STATELESS_PROJECTIONS)) + ("adam",)
 
 
 # Keys a group may carry besides ARO's hyperparameters: torch's own and those that
@@ -31,6 +31,12 @@ OTHER_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "
 
 # Keys from other optimizers' vocabularies, with ARO's name for the same thing.
 KEY_HINTS = {"momentum": "beta", "dampening": "beta", "lr_decay": "weight_decay", "decay": "weight_decay"}
+
+
+def base_names() -> tuple[str, ...]:
+    """The base projections ``base=`` accepts by name (read at each check: a projection added to
+    ``STATELESS_PROJECTIONS`` is accepted at once)."""
+    return tuple(sorted(STATELESS_PROJECTIONS)) + ("adam",)
 
 
 def validate_group_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -141,7 +147,7 @@ def validate_hyperparameters(g: dict[str, Any]) -> None:
     number("beta", 0.0, 1.0)
     number("weight_decay", 0.0)
     if not callable(g["base"]):
-        choice("base", BASE_NAMES)
+        choice("base", base_names())
     choice("rotation", ROTATION_POLICIES)
     choice("qr", QR_METHODS)
     it = g["sinkhorn_iters"]
@@ -172,3 +178,44 @@ def validate_hyperparameters(g: dict[str, Any]) -> None:
         raise ValueError(f"Invalid rotation_every: {k!r}; expected an integer >= 1 (1 = a new rotation every step)")
     if g["estimator"] == "stack" and g["base"] == "adam" and g.get("shared"):
         raise ValueError("Invalid estimator: 'stack' needs a stateless base projection; use estimator='sum' with base='adam'")
+
+
+def stepping_params(group: dict[str, Any]) -> list[Tensor]:
+    """The parameters of ``group`` with a (dense) gradient and at least one element."""
+    params = []
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"ARO does not support sparse gradients ({param_label(group, i, p)}); "
+                               "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it")
+        if p.numel():  # nothing to update otherwise (global size: every rank decides alike)
+            params.append(p)
+    return params
+
+
+def is_named(group: dict[str, Any]) -> bool:
+    params = group["params"]
+    if isinstance(params, Tensor):
+        return False
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs; use a list")
+    params = list(params)
+    group["params"] = params  # a generator is read once
+    return "param_names" in group or (bool(params) and isinstance(params[0], tuple))
+
+
+def name_group(group: dict[str, Any], g: int) -> dict[str, Any]:
+    params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+    return {**group, "params": [(f"added.{g}.{i}", p) for i, p in enumerate(params)]}
+
+
+def param_label(group: dict[str, Any], index: int, p: Tensor) -> str:
+    names = group.get("param_names")
+    name = f"{names[index]!r} " if names and index < len(names) else ""
+    return f"parameter {name}(index {index}, shape {tuple(p.shape)}, dtype {p.dtype})"
+
+
+def index_of(group: dict[str, Any], p: Tensor) -> int:
+    return next(i for i, q in enumerate(group["params"]) if q is p)

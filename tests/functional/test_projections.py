@@ -61,7 +61,7 @@ def test_sinkhorn_matches_naive_reference(variant, shape):
 
 
 def test_sinkhorn_variants_agree_at_five_iterations():
-    # SPEC §3: cosine > 0.9999 at K = 5 on random matrices
+    # simultaneous vs alternating Sinkhorn (the paper's §3): cosine > 0.9999 at K = 5 on random matrices
     X = torch.randn(64, 128, dtype=torch.float64)
     a = sinkhorn(X, num_iters=5, variant="simultaneous")
     b = sinkhorn(X, num_iters=5, variant="alternating")
@@ -165,7 +165,7 @@ def test_row_norm_scalings_scale_rows_only():
 
 
 def test_amax_abs_matches_abs_amax_and_propagates_nan():
-    from aro.functional.projections import amax_abs
+    from aro.functional.numerics import amax_abs
 
     X = torch.randn(4, 5, 6)
     torch.testing.assert_close(amax_abs(X), X.abs().amax(dim=(-2, -1), keepdim=True), rtol=0, atol=0)

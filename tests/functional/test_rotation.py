@@ -6,7 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aro.functional.projections import AdamProjection, identity, rms_normalize, row_norm, sign, sinkhorn
+from aro.functional.numerics import rms_normalize
+from aro.functional.projections import AdamProjection, identity, row_norm, sign, sinkhorn
 from aro.functional.qr import householder_qr, polar
 from aro.functional.rotation import eigen_rotation, new_rotation, rotated_step, rotated_update
 
@@ -24,7 +25,7 @@ def spectrum_matrix(m, n, ratio=0.8, dtype=torch.float64):
 
 
 def test_row_norm_aro_converges_to_muon_direction():
-    # SPEC §9.2: iterating R on a fixed M gives sqrt(n) U V^T (Muon's direction, RMS 1)
+    # row-norm ARO is a power iteration (the paper's §3): iterating R on a fixed M gives sqrt(n) U V^T (Muon's direction, RMS 1)
     m, n = 12, 40
     M, U, V = spectrum_matrix(m, n)
     R = torch.eye(m, dtype=torch.float64)
@@ -227,3 +228,4 @@ def test_diagonal_scaling_path_is_scale_invariant_without_overflow(scale):
     torch.testing.assert_close(out.rotation, ref.rotation, rtol=tol, atol=tol)
     U = rotated_update(M * scale, R, f=f)  # the public function scales by itself
     torch.testing.assert_close(U, rotated_update(M, R, f=f), rtol=tol, atol=tol)
+

@@ -1,7 +1,6 @@
 """The enumerated reliability cases of docs/RELIABILITY.md; each test name starts with its case id."""
 
 import copy
-import math
 import pickle
 import warnings
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from .config import add_arguments, bench_epilog, config_from_args
+from .options import add_options, options_from_args
 
 __all__ = ["main"]
 
@@ -65,18 +66,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _stepbench(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .stepbench import StepbenchOptions, format_stepbench, run_stepbench
 
-    from .stepbench import format_stepbench, run_stepbench
-
-    result = run_stepbench(
-        optimizers=_names(args.optimizers), presets=_names(args.models),
-        dims=[int(d) for d in _names(args.dims)], train_preset=args.train_model or None, out=Path(args.out),
-        warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, slow_s=args.slow, max_step_s=args.max_step,
-        threads=args.threads, warm=not args.cold_allocator, train_batch=args.train_batch,
-    )
+    options = options_from_args(StepbenchOptions, args)
+    result = run_stepbench(options)
     print(format_stepbench(result))
-    print(f"\nresults: {args.out} and {Path(args.out).with_suffix('.png')}")
+    print(f"\nresults: {options.out} and {options.out.with_suffix('.png')}")
     return 0
 
 
@@ -84,85 +79,49 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _add_stepbench(sub) -> None:
-    from .models import PRESETS as MODEL_PRESETS
-    from .stepbench import DEFAULT_DIMS, DEFAULT_OPTIMIZERS, DEFAULT_PRESETS
-
-    sb = sub.add_parser("stepbench", help="time the optimizer step (and training step) side by side",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sb.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                    help="comma-separated registry names (aro bench --help lists them)")
-    sb.add_argument("--models", "--presets", dest="models", default=",".join(DEFAULT_PRESETS),
-                    help=f"comma-separated model presets whose parameters are stepped, of {sorted(MODEL_PRESETS)} "
-                         "(--presets is the former spelling)")
-    sb.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="d for the d x d and d x 4d matrices")
-    sb.add_argument("--train-model", "--train-preset", dest="train_model", default="small",
-                    help="model preset of the training-step timing, '' to skip")
-    sb.add_argument("--train-batch", type=int, default=16,
-                    help="sequences per training step (16: the bench protocol's batch)")
-    sb.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    sb.add_argument("--repeats", type=int, default=15, help="at most this many timed rounds")
-    sb.add_argument("--budget", type=float, default=20.0, help="stop timing a case after this many seconds (>= 3 rounds)")
-    sb.add_argument("--slow", type=float, default=3.0,
-                    help="a case whose first step takes longer than this (s) is timed once and leaves the rounds")
-    sb.add_argument("--max-step", type=float, default=60.0,
-                    help="do not run torch.optim.Muon where it is predicted to take longer than this (s) per step")
-    sb.add_argument("--cold-allocator", action="store_true",
-                    help="time without first freeing a large block (fresh pages: not what a training loop sees)")
-    sb.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    sb.add_argument("--out", default="benchmarks/results/stepbench-cpu.json", help="JSON path; the plot goes beside it")
-    sb.set_defaults(func=_stepbench)
-
-
 def _distbench(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .distbench import DistbenchOptions, format_distbench, run_distbench
 
-    from .distbench import format_distbench, run_distbench
-
-    result = run_distbench(preset=args.preset, worlds=[int(w) for w in _names(args.worlds)], modes=_names(args.modes),
-                           sharing=args.sharing, warmup=args.warmup, repeats=args.repeats, out=Path(args.out))
+    options = options_from_args(DistbenchOptions, args)
+    result = run_distbench(options)
     print(format_distbench(result))
-    print(f"\nresults: {args.out}")
+    print(f"\nresults: {options.out}")
     return 0
 
 
-def _add_distbench(sub) -> None:
-    db = sub.add_parser("distbench", help="distributed optimizer step per rank (gloo processes on this machine)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    db.add_argument("--preset", default="small", help="model preset")
-    db.add_argument("--worlds", default="1,2,3", help="comma-separated world sizes")
-    db.add_argument("--modes", default="ddp,fsdp2", help="ddp and/or fsdp2")
-    db.add_argument("--sharing", default="none", choices=["none", "global", "chain"], help="rotation sharing plan")
-    db.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    db.add_argument("--repeats", type=int, default=10, help="timed steps")
-    db.add_argument("--out", default="benchmarks/results/distbench-cpu.json", help="JSON path")
-    db.set_defaults(func=_distbench)
-
-
 def _diagnose(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .diagnose import DiagnoseOptions, run_diagnose
 
-    from .diagnose import run_diagnose
-
-    r = run_diagnose(Path(args.out), model=args.model, steps=args.steps, lr=args.lr)
+    options = options_from_args(DiagnoseOptions, args)
+    r = run_diagnose(options)
     g, al = r["gain"], r["alignment"]
     print(f"(b) mean J(ARO)/J(eigen) - 1 over steps: {100 * sum(g['mean_gain']) / max(1, len(g['mean_gain'])):+.2f}%, "
           f"matrices where ARO is higher: {100 * sum(g['fraction_aro_higher']) / max(1, len(g['fraction_aro_higher'])):.0f}%")
     for p in ("identity", "eigen", "aro", "polar"):
         cells = "  ".join(f"s={s:g}: {m:.3f}+-{d:.3f}" for s, m, d in zip(al["sigmas"], al[p]["mean"], al[p]["std"]))
         print(f"(c) {p:<8} cos(G, U) {cells}")
-    print(f"\nresults: {args.out}/diagnose.json and diagnose_*.png")
+    print(f"\nresults: {options.out}/diagnose.json and diagnose_*.png")
     return 0
 
 
-def _add_diagnose(sub) -> None:
-    dg = sub.add_parser("diagnose", help="rotation analyses: update spectra, objective gain, noisy alignment",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    dg.add_argument("--out", default="docs/figures", help="folder for diagnose.json and the PNGs")
-    dg.add_argument("--model", default="small", help="bench model preset of the training-run analysis")
-    dg.add_argument("--steps", type=int, default=200, help="training steps of that run")
-    dg.add_argument("--lr", type=float, default=1.6e-2, help="its lr (ARO-Sinkhorn's standard-sweep choice)")
-    dg.set_defaults(func=_diagnose)
+def _add_subcommands(sub) -> None:
+    """``aro stepbench``, ``aro distbench`` and ``aro diagnose``: each one's flags generated from
+    its options dataclass (:mod:`aro.bench.options`)."""
+    from .diagnose import DiagnoseOptions
+    from .distbench import DistbenchOptions
+    from .stepbench import StepbenchOptions
+
+    for name, cls, func, help_text in (
+        ("stepbench", StepbenchOptions, _stepbench,
+         "time the optimizer step (and training step) side by side"),
+        ("distbench", DistbenchOptions, _distbench,
+         "distributed optimizer step per rank (gloo processes on this machine)"),
+        ("diagnose", DiagnoseOptions, _diagnose,
+         "rotation analyses: update spectra, objective gain, noisy alignment"),
+    ):
+        parser = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_options(parser, cls)
+        parser.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--budget-figure", metavar="PNG",
                         help="also draw speedup against budget for all RUN_DIRs in one figure (one row each)")
     report.set_defaults(func=_report)
-    _add_stepbench(sub)
-    _add_distbench(sub)
-    _add_diagnose(sub)
+    _add_subcommands(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from .budget import budget_unit, steps_for_budget
 from .models import PRESETS as MODEL_PRESETS
 from .optimizers import OPTIMIZERS
+from .options import converter
 
 __all__ = ["BenchConfig", "PRESETS", "add_arguments", "config_from_args", "resolve"]
 
@@ -205,17 +206,8 @@ def _parse_mapping(text: str) -> dict[str, Any]:
 
 
 def _converter(tp: Any):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is tuple:
-        inner = args[0]
-        return lambda s: tuple(inner(x) for x in filter(None, s.split(",")))
-    if origin is dict:
-        return _parse_mapping
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = next(a for a in args if a is not type(None))
-        return lambda s: None if s.lower() == "none" else inner(s)
-    return tp
+    """The subcommands' converter (:func:`aro.bench.options.converter`), plus name=value mappings."""
+    return _parse_mapping if typing.get_origin(tp) is dict else converter(tp)
 
 
 def _field_types() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -30,13 +31,30 @@ from aro.functional.projections import sign, sinkhorn
 from aro.functional.rotation import rotated_step
 
 from .data import load_corpus
-from .models import build_model
+from .models import PRESETS, build_model
 from .files import atomic_write_text
+from .options import check_options, option
 from .train import lr_factor
 
-__all__ = ["run_diagnose"]
+__all__ = ["DiagnoseOptions", "run_diagnose"]
 
 POLICIES = ("identity", "eigen", "aro", "polar")
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions:
+    """The options of ``aro diagnose``, declared once: the flags are generated from the fields
+    (:mod:`aro.bench.options`)."""
+
+    out: Path = option(Path("docs/figures"), "folder for diagnose.json and the PNGs")
+    model: str = option("small", "bench model preset of the training-run analysis", choices=sorted(PRESETS))
+    steps: int = option(200, "training steps of that run", minimum=1)
+    lr: float = option(1.6e-2, "its lr (ARO-Sinkhorn's standard-sweep choice)")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.lr > 0:
+            raise ValueError(f"--lr {self.lr}: it must be > 0")
 
 
 def update_spectra(shapes: tuple[tuple[int, int], ...] = ((128, 128), (128, 512)), iters: int = 100,
@@ -87,8 +105,8 @@ def alignment(sigmas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0), m: int = 32
     return result
 
 
-def training_gain(model_name: str = "small", steps: int = 200, lr: float = 1.6e-2, every: int = 10,
-                  seed: int = 0, log: Path | None = None) -> dict[str, list[float]]:
+def training_gain(model_name: str, steps: int, lr: float, every: int = 10, seed: int = 0,
+                  log: Path | None = None) -> dict[str, list[float]]:
     """Relative gain of ARO over the exact eigen-rotation during an ARO-Sinkhorn run."""
     corpus = load_corpus(None)
     model = build_model(model_name, seed)
@@ -115,7 +133,8 @@ def training_gain(model_name: str = "small", steps: int = 200, lr: float = 1.6e-
             "matrices": len(by_step[ks[0]]) if ks else 0}
 
 
-def run_diagnose(out: Path, *, model: str = "small", steps: int = 200, lr: float = 1.6e-2, progress=print) -> dict:
+def run_diagnose(options: DiagnoseOptions, *, progress=print) -> dict:
+    out, model, steps, lr = options.out, options.model, options.steps, options.lr
     out.mkdir(parents=True, exist_ok=True)
     progress("(a) update spectra")
     spectra = update_spectra()

@@ -23,21 +23,44 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .models import build_model
+from .models import PRESETS, build_model
 from .optimizers import ADAMW_BETAS, ADAMW_EPS
+from .options import check_options, option
 from .parallel import Parallel
 from .environment import environment_info
 from .files import atomic_write_text
 
-__all__ = ["DIST_MODES", "run_distbench"]
+__all__ = ["DIST_MODES", "DistbenchOptions", "run_distbench"]
 
 DIST_MODES = ("ddp", "fsdp2")
+
+
+@dataclass(frozen=True)
+class DistbenchOptions:
+    """The options of ``aro distbench``, declared once: the flags are generated from the fields
+    (:mod:`aro.bench.options`)."""
+
+    preset: str = option("small", "model preset", choices=sorted(PRESETS))
+    worlds: tuple[int, ...] = option((1, 2, 3), "comma-separated world sizes", minimum=1)
+    modes: tuple[str, ...] = option(DIST_MODES, f"comma-separated, of {', '.join(DIST_MODES)}", choices=DIST_MODES)
+    sharing: str = option("none", "rotation sharing plan", choices=("none", "global", "chain"))
+    warmup: int = option(3, "untimed steps first", minimum=0)
+    repeats: int = option(10, "timed steps", minimum=1)
+    out: Path = option(Path("benchmarks/results/distbench-cpu.json"), "JSON path")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.worlds:
+            raise ValueError("--worlds: give at least one world size, e.g. --worlds 1,2")
+        if not self.modes:
+            raise ValueError(f"--modes: give at least one of {', '.join(DIST_MODES)}")
 
 
 def _free_port() -> int:
@@ -96,20 +119,15 @@ def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: s
         _teardown()
 
 
-def run_distbench(*, preset: str, worlds: list[int], modes: list[str], sharing: str = "none", warmup: int = 3,
-                  repeats: int = 10, out: Path, progress=print) -> dict:
-    bad = [m for m in modes if m not in DIST_MODES]
-    if bad:
-        raise ValueError(f"distbench --modes: unknown {bad}; choose from {DIST_MODES}")
-    if any(w < 1 for w in worlds):
-        raise ValueError(f"distbench --worlds: world sizes must be >= 1, got {worlds}")
-    result = {"environment": environment_info(), "preset": preset, "sharing": sharing,
-              "settings": {"warmup": warmup, "repeats": repeats}, "runs": []}
-    for mode in modes:
-        for world in worlds:
+def run_distbench(options: DistbenchOptions, *, progress=print) -> dict:
+    o = options
+    result = {"environment": environment_info(), "preset": o.preset, "sharing": o.sharing,
+              "settings": {"warmup": o.warmup, "repeats": o.repeats}, "runs": []}
+    for mode in o.modes:
+        for world in o.worlds:
             progress(f"{mode}, world {world}")
             with tempfile.TemporaryDirectory() as tmp:
-                mp.spawn(_worker, args=(world, _free_port(), preset, mode, sharing, warmup, repeats, tmp),
+                mp.spawn(_worker, args=(world, _free_port(), o.preset, mode, o.sharing, o.warmup, o.repeats, tmp),
                          nprocs=world, join=True)
                 ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
             costs = ranks[0]["rotation_cost_by_rank"] or [1.0]
@@ -120,8 +138,8 @@ def run_distbench(*, preset: str, worlds: list[int], modes: list[str], sharing: 
                 "qr_per_step_by_rank": [r["qr_per_step"] for r in ranks],
                 "rotation_flop_share_by_rank": [c / total for c in costs],
             })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=1))
+    o.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(o.out, json.dumps(result, indent=1))
     return result
 
 

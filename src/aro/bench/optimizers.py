@@ -267,7 +267,8 @@ def _single(builder: Callable[..., torch.optim.Optimizer]) -> MatrixBuilder:
     return lambda p, lr, wd: builder([p], lr, wd)
 
 
-def _entries() -> list[OptimizerSpec]:
+def _baseline_entries() -> list[OptimizerSpec]:
+    """The paper's baselines: AdamW, ``torch.optim.Muon`` and Muon's update in float32."""
     return [
         OptimizerSpec("adamw", "torch.optim.AdamW on every parameter", _adamw_all, _no_flops, scope="none",
                       build_matrix=_single(_adamw), hyperparameters=dict(ADAMW_HYPERPARAMETERS)),
@@ -277,6 +278,13 @@ def _entries() -> list[OptimizerSpec]:
                                        "ns_steps": "5: torch default", **ADAMW_HYPERPARAMETERS}),
         _spec("muon-fp32", "Muon's update in float32: Nesterov momentum, quintic Newton-Schulz, RMS 0.2, batched "
               "(aro.ARO with base='newton_schulz', rotation='identity')", rotation="identity", base="newton_schulz"),
+    ]
+
+
+def _competitor_entries() -> list[OptimizerSpec]:
+    """Other matrix optimizers: SOAP, NorMuon and AdaMuon from ``pytorch_optimizer``, and Dion
+    (:mod:`aro.bench.dion`) at rank 1/4, at full rank and RMS-matched."""
+    return [
         OptimizerSpec("soap", "pytorch_optimizer.SOAP on every parameter (Adam in Shampoo's eigenbasis)", _soap_model,
                       soap_flops, scope="all", build_matrix=_single(_soap), fsdp2=False,
                       steps_per_call=SOAP_KWARGS["precondition_frequency"],  # timed over whole refresh periods
@@ -311,6 +319,13 @@ def _entries() -> list[OptimizerSpec]:
                       hyperparameters={"mu": "0.95: Dion paper", "rank_fraction": "0.25: Dion paper's default",
                                        "rms_target": "0.2: the benchmark's RMS matching (not the authors' scale)",
                                        **ADAMW_HYPERPARAMETERS}),
+    ]
+
+
+def _rotation_entries() -> list[OptimizerSpec]:
+    """:class:`aro.ARO` configurations: the paper's rotation and base-optimizer variants, shared
+    rotations, ablations of its options and exact-rotation references."""
+    return [
         _spec("sinkgd", "momentum SinkGD: identity rotation, Sinkhorn f", rotation="identity", base="sinkhorn"),
         _spec("eigen-sinkhorn", "eigen-rotation (power iteration on M M^T), Sinkhorn f", rotation="eigen", base="sinkhorn"),
         _spec("eigen-adam", "eigen-rotation, Adam f: one-sided SOAP-like", rotation="eigen", base="adam"),
@@ -335,6 +350,11 @@ def _entries() -> list[OptimizerSpec]:
         _spec("polar-sinkhorn", "exact Procrustes (polar) rotation, Sinkhorn f", rotation="polar"),
         _spec("eigen-exact-sinkhorn", "exact eigenvectors of M M^T (eigh), Sinkhorn f", rotation="eigen_exact"),
     ]
+
+
+def _entries() -> list[OptimizerSpec]:
+    """The registry, in its order: baselines, other optimizers, ARO configurations."""
+    return _baseline_entries() + _competitor_entries() + _rotation_entries()
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in _entries()}

@@ -27,6 +27,7 @@ the step achieves.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,20 +37,56 @@ from torch import nn
 from .models import PRESETS, build_model
 from .optimizers import OPTIMIZERS, aro_flops, build_optimizers, muon_flops
 from .environment import environment_info
+from .options import check_options, option
 from .timing import time_interleaved, warm_allocator
 from .files import atomic_write_text
 
-__all__ = ["DEFAULT_DIMS", "DEFAULT_OPTIMIZERS", "DEFAULT_PRESETS", "aro_flops", "muon_flops", "run_stepbench"]
+__all__ = ["StepbenchOptions", "aro_flops", "muon_flops", "run_stepbench"]
 
-DEFAULT_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4", "aro-sinkhorn-scqr",
-                      "aro-sign", "aro-adam", "eigen-sinkhorn")
-DEFAULT_PRESETS = ("tiny", "small", "medium", "large", "moe-small")
-DEFAULT_DIMS = (128, 256, 512, 1024, 2048)
 # the optimizers whose whole training step is timed too (when given with --optimizers)
 TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4", "eigen-adam", "soap",
                     "normuon", "adamuon", "dion", "dion-rms")
 STANDARD_PRESET = "small"  # the model of `aro bench --preset standard`
 LR, WD = 1e-3, 0.1
+
+
+@dataclass(frozen=True)
+class StepbenchOptions:
+    """The options of ``aro stepbench``, declared once: the flags are generated from the fields
+    (:mod:`aro.bench.options`)."""
+
+    optimizers: tuple[str, ...] = option(
+        ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4", "aro-sinkhorn-scqr", "aro-sign",
+         "aro-adam", "eigen-sinkhorn"),
+        "comma-separated registry names (aro bench --help lists them)", choices=OPTIMIZERS)
+    models: tuple[str, ...] = option(
+        ("tiny", "small", "medium", "large", "moe-small"),
+        f"comma-separated model presets whose parameters are stepped, of {sorted(PRESETS)}, '' for none "
+        "(--presets is the former spelling)", aliases=("--presets",), choices=sorted(PRESETS))
+    dims: tuple[int, ...] = option((128, 256, 512, 1024, 2048), "d for the d x d and d x 4d matrices, '' for none",
+                                   minimum=1)
+    train_model: str = option(STANDARD_PRESET, "model preset of the training-step timing, '' to skip",
+                              aliases=("--train-preset",))
+    train_batch: int = option(16, "sequences per training step (the bench protocol's batch)", minimum=1)
+    warmup: int = option(3, "untimed rounds first", minimum=0)
+    repeats: int = option(15, "at most this many timed rounds", minimum=1)
+    budget: float = option(20.0, "stop timing a case after this many seconds (>= 3 rounds)", minimum=0)
+    slow: float = option(3.0, "a case whose first step takes longer than this (s) is timed once and leaves the rounds",
+                         minimum=0)
+    max_step: float = option(60.0, "do not run torch.optim.Muon where it is predicted to take longer than this (s) "
+                             "per step", minimum=0)
+    cold_allocator: bool = option(False, "time without first freeing a large block (fresh pages: not what a "
+                                  "training loop sees)")
+    threads: int = option(0, "torch threads (0: leave the default)", minimum=0)
+    out: Path = option(Path("benchmarks/results/stepbench-cpu.json"), "JSON path; the plot goes beside it")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.optimizers:
+            raise ValueError("--optimizers: give at least one registry name (aro bench --help lists them)")
+        if self.train_model and self.train_model not in PRESETS:
+            raise ValueError(f"--train-model {self.train_model}: unknown; choose from {', '.join(sorted(PRESETS))}, "
+                             "or '' to skip the training step")
 
 
 def state_bytes(opts: list[torch.optim.Optimizer]) -> int:
@@ -251,40 +288,35 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
-def run_stepbench(*, optimizers: list[str], presets: list[str], dims: list[int], train_preset: str | None,
-                  out: Path, warmup: int = 3, repeats: int = 15, budget_s: float = 20.0, slow_s: float = 3.0,
-                  max_step_s: float = 60.0, threads: int = 0, warm: bool = True, train_batch: int = 16,
-                  progress: Callable[[str], None] = print) -> dict:
-    unknown = [n for n in optimizers if n not in OPTIMIZERS]
-    if unknown:
-        raise ValueError(f"stepbench --optimizers: unknown {unknown}; choose from {sorted(OPTIMIZERS)}")
-    bad = [p for p in presets + ([train_preset] if train_preset else []) if p not in PRESETS]
-    if bad:
-        raise ValueError(f"stepbench --models: unknown {bad}; choose from {sorted(PRESETS)}")
-    if threads:
-        torch.set_num_threads(threads)
-    if warm:
+def run_stepbench(options: StepbenchOptions, *, progress: Callable[[str], None] = print) -> dict:
+    o = options
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    if not o.cold_allocator:
         warm_allocator()
-    bf16 = matmul_gflops(256, 1024, dtype=torch.bfloat16, warmup=1, repeats=3) if any(OPTIMIZERS[n].products_dtype == torch.bfloat16 for n in optimizers) else None
-    cases = _Cases(warmup=warmup, repeats=repeats, budget_s=budget_s, slow_s=slow_s, max_step_s=max_step_s,
+    bf16 = (matmul_gflops(256, 1024, dtype=torch.bfloat16, warmup=1, repeats=3)
+            if any(OPTIMIZERS[n].products_dtype == torch.bfloat16 for n in o.optimizers) else None)
+    cases = _Cases(warmup=o.warmup, repeats=o.repeats, budget_s=o.budget, slow_s=o.slow, max_step_s=o.max_step,
                    bf16_gflops=bf16)
+    optimizers = list(o.optimizers)
     result: dict = {"environment": environment_info(), "optimizers": optimizers,
-                    "settings": {"warmup": warmup, "repeats": repeats, "budget_s": budget_s, "slow_s": slow_s,
-                                 "max_step_s": max_step_s, "allocator_warmed": warm},
+                    "settings": {"warmup": o.warmup, "repeats": o.repeats, "budget_s": o.budget, "slow_s": o.slow,
+                                 "max_step_s": o.max_step, "allocator_warmed": not o.cold_allocator},
                     "matmul_gflops_256x1024": {"float32": matmul_gflops(256, 1024), "bfloat16": bf16}}
+    presets, dims = list(o.models), list(o.dims)
     progress(f"presets: {presets}")
     result["presets"] = bench_presets(presets, optimizers, cases)
     single = [n for n in optimizers if OPTIMIZERS[n].build_matrix is not None]
     progress(f"matrices: d in {dims}")
     result["matrices"] = bench_matrices(dims, single, cases)
-    if train_preset:
+    if o.train_model:
         names = [n for n in TRAIN_OPTIMIZERS if n in optimizers]
-        progress(f"training step: {train_preset}, {names}")
-        result["train_step"] = bench_train_step(train_preset, names, cases, batch_size=train_batch)
+        progress(f"training step: {o.train_model}, {names}")
+        result["train_step"] = bench_train_step(o.train_model, names, cases, batch_size=o.train_batch)
     result["targets"] = targets(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=1))
-    plot_stepbench(result, out.with_suffix(".png"))
+    o.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(o.out, json.dumps(result, indent=1))
+    plot_stepbench(result, o.out.with_suffix(".png"))
     return result
 
 

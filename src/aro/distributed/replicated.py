@@ -2,8 +2,8 @@
 
 Every rank holds every parameter and, after DDP's all-reduce, the same gradient. The cheap
 elementwise work (momentum) runs everywhere; the expensive per-unit work (cross-Gram, QR, f,
-rotated update) is assigned to one owner per unit, balanced by cost (:mod:`.ownership`). Each
-bucket's results (new rotation, RMS-matched update, Adam second moment) are all-gathered
+rotated update) is assigned to one rank per unit, balanced by cost (:mod:`.planning`). Each
+bucket's results (the :func:`aro.state_schema.step_outputs` fields) are all-gathered
 asynchronously while the next bucket is computed, and every rank then writes all of them: the
 parameters, and the optimizer state of *every* matrix, stay identical on all ranks, so a
 ``state_dict()`` from any rank holds the true rotations and resumes on any world size.
@@ -12,102 +12,54 @@ parameters, and the optimizer state of *every* matrix, stay identical on all ran
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
-from ..engine import (BucketResult, Sources, Unit, apply_bucket, assemble_updates, bucketize, compute_bucket,
-                      refreshes)
-from .ownership import assign, unit_cost
+from .. import state_schema as S
+from ..engine import (BucketResult, Count, Sources, Unit, apply_bucket, assemble_updates, bucketize, compute_bucket,
+                      count_rotations, output_shapes)
+from ..spec import GroupSpec
+from .executor import Report, SingleProcess
+from .planning import plan_work
+from .transport import all_gather_rows, pack_rows, unpack_rows
 
-__all__ = ["replicated_run_units"]
-
-
-def _layout(group: dict[str, Any], unit: Unit, adam: bool) -> list[tuple[str, int, tuple[int, ...]]]:
-    d = unit.members[0].shape.m
-    parts: list[tuple[str, int, tuple[int, ...]]] = []
-    if group["rotation"] != "identity":
-        parts.append(("rotation", -1, (d, d)))
-    parts += [("update", j, (d, m.shape.n)) for j, m in enumerate(unit.members)]
-    if adam:
-        parts += [("moment", j, (d, m.shape.n)) for j, m in enumerate(unit.members)]
-    return parts
+__all__ = ["Replicated"]
 
 
-def _pack(result: BucketResult, layout) -> Tensor:
-    cols = []
-    for kind, j, _ in layout:
-        t = result.rotation if kind == "rotation" else (result.updates[j] if kind == "update" else result.moments[j])
-        cols.append(t.flatten(1))
-    return torch.cat(cols, dim=1)
+class Replicated(SingleProcess):
+    """Units split across the ranks of ``process_group``; every rank applies every result."""
 
+    def __init__(self, process_group: Any) -> None:
+        self.process_group = process_group
 
-def _unpack(rows: Tensor, layout, adam: bool) -> BucketResult:
-    sizes = [s[0] * s[1] for _, _, s in layout]
-    chunks = rows.split(sizes, dim=1)
-    rotation, updates, moments = None, [], []
-    for (kind, _, shape), c in zip(layout, chunks):
-        t = c.reshape(rows.shape[0], *shape)
-        if kind == "rotation":
-            rotation = t
-        elif kind == "update":
-            updates.append(t)
-        else:
-            moments.append(t)
-    zero = torch.zeros((), dtype=torch.int64)
-    return BucketResult(rotation, updates, moments if adam else None, zero, zero)
-
-
-def replicated_run_units(
-    group: dict[str, Any],
-    units: list[Unit],
-    src: Sources,
-    f: Any,
-    count: Callable[[str, Tensor], None],
-    process_group: Any,
-    adam: bool,
-) -> tuple[dict[int, Tensor], int, list[float]]:
-    """Run ``units`` split across ranks; returns updates, rotations computed here, and the
-    cost of the work each rank did (for the distributed benchmark)."""
-    world = dist.get_world_size(process_group)
-    rank = dist.get_rank(process_group)
-    buckets = bucketize(units, src, group)
-    costs = [unit_cost(u.members[0].shape.m, [m.shape.n for m in u.members]) for b in buckets for u in b]
-    owners = assign(costs, world)
-    loads = [0.0] * world
-    for c, o in zip(costs, owners):
-        loads[o] += c
-    pending = []
-    offset = 0
-    n_rotations = 0
-    for bucket in buckets:
-        owner_of = owners[offset : offset + len(bucket)]
-        offset += len(bucket)
-        layout = _layout(group, bucket[0], adam)
-        width = sum(s[0] * s[1] for _, _, s in layout)
-        counts = [owner_of.count(r) for r in range(world)]
-        mine = [u for u, o in zip(bucket, owner_of) if o == rank]
-        M0 = src.momentum[id(bucket[0].members[0].param)]
-        send = torch.zeros(max(counts), width, dtype=M0.dtype, device=M0.device)
-        if mine:
-            result = compute_bucket(group, mine, src, f)
-            if result.rotation is not None and refreshes(group, mine[0], src):
-                n_rotations += len(mine)
-                count("qr_fallbacks", result.fallbacks)
-                count("degenerate_rotations", result.degenerate)
-            send[: len(mine)] = _pack(result, layout)
-        recv = [torch.empty_like(send) for _ in range(world)]
-        work = dist.all_gather(recv, send, group=process_group, async_op=True)  # overlaps the next bucket
-        pending.append((bucket, owner_of, recv, work, layout))
-    pieces: dict[int, list] = defaultdict(list)
-    for bucket, owner_of, recv, work, layout in pending:
-        work.wait()
-        seen = [0] * world
-        rows = []
-        for o in owner_of:
-            rows.append(recv[o][seen[o]])
-            seen[o] += 1
-        apply_bucket(bucket, _unpack(torch.stack(rows), layout, adam), src, pieces)
-    return assemble_updates(units, pieces), n_rotations, loads
+    def run(self, spec: GroupSpec, units: list[Unit], src: Sources, count: Count) -> Report:
+        world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+        buckets = bucketize(spec, units, src)
+        rank_of, loads = plan_work([[u] for b in buckets for u in b], world)
+        pending, offset, rotations = [], 0, 0
+        for bucket in buckets:
+            ranks = rank_of[offset : offset + len(bucket)]
+            offset += len(bucket)
+            shapes = output_shapes(spec, bucket[0])
+            mine = [u for u, r in zip(bucket, ranks) if r == rank]
+            M = src.tensors[(S.MOMENTUM, id(bucket[0].members[0].param))]
+            rows = M.new_zeros(0, sum(torch.Size(s).numel() for s in shapes))
+            if mine:
+                result = compute_bucket(spec, mine, src)
+                rotations += count_rotations(spec, mine, result, src, count)
+                rows = pack_rows(result.values)
+            work, recv = all_gather_rows(rows, max(ranks.count(r) for r in range(world)), self.process_group)
+            pending.append((bucket, ranks, shapes, work, recv))  # the gather overlaps the next bucket
+        pieces: dict[int, list] = defaultdict(list)
+        for bucket, ranks, shapes, work, recv in pending:
+            work.wait()
+            seen = [0] * world
+            rows_in_order = []
+            for r in ranks:
+                rows_in_order.append(recv[r][seen[r]])
+                seen[r] += 1
+            values = unpack_rows(torch.stack(rows_in_order), shapes)
+            apply_bucket(spec, bucket, BucketResult(values, torch.zeros(()), torch.zeros(())), src, pieces)
+        return Report(assemble_updates(units, pieces), rotations, loads)

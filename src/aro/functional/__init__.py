@@ -5,16 +5,8 @@ layer both call these functions.
 """
 
 from .adamw import adamw_
-from .projections import (
-    AdamProjection,
-    identity,
-    make_projection,
-    rms_normalize,
-    row_norm,
-    sign,
-    sinkhorn,
-    unit_scale,
-)
+from .numerics import rms_normalize, unit_scale
+from .projections import AdamProjection, identity, make_projection, row_norm, sign, sinkhorn
 from .qr import QR_METHODS, householder_qr, orthonormalize, polar, shifted_cholesky_qr
 from .rotation import ROTATION_POLICIES, cross_gram, eigen_rotation, new_rotation, rotated_step, rotated_update
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .numerics import apply_update_
+
 __all__ = ["adamw_"]
 
 
@@ -56,12 +58,4 @@ def adamw_(
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(updates, [-lr / b for b in bias1])
-    same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
-    if same:
-        ps = [params[i] for i in same]
-        if weight_decay:
-            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
-        torch._foreach_add_(ps, [updates[i] for i in same])
-    for i, p in enumerate(params):
-        if p.dtype != updates[i].dtype:  # low-precision parameter: one rounding at the end
-            p.copy_(p.to(updates[i].dtype).mul_(1.0 - lr * weight_decay).add_(updates[i]))
+    apply_update_(params, updates, lr=lr, weight_decay=weight_decay, scale=1.0)

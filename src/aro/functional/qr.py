@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .projections import amax_abs
+from .numerics import amax_abs
 
 __all__ = ["QR_METHODS", "Orthonormalized", "householder_qr", "orthonormalize", "polar", "shifted_cholesky_qr"]
 

@@ -41,7 +41,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .projections import DiagonalScaling, Projection, inverse_amax, lookahead, project_, unit_scale
+from .numerics import inverse_amax, unit_scale
+from .projections import DiagonalScaling, Projection, lookahead, project_
 from .qr import DEFAULT_SHIFT, Orthonormalized, householder_qr, orthonormalize
 
 __all__ = [

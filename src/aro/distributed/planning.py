@@ -1,10 +1,10 @@
-"""Which rank computes which unit: cost-balanced, deterministic, the same on every rank."""
+"""Which rank computes which piece of work: cost-balanced, deterministic, the same on every rank."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["assign", "unit_cost"]
+__all__ = ["assign", "plan_work", "unit_cost"]
 
 
 def unit_cost(d: int, widths: Sequence[int]) -> float:
@@ -17,9 +17,20 @@ def assign(costs: Sequence[float], world_size: int) -> list[int]:
     """Longest-processing-time greedy: the most expensive items first, each to the least-loaded
     rank (ties: the lower rank). Deterministic, so every rank computes the same assignment."""
     load = [0.0] * world_size
-    owner = [0] * len(costs)
+    rank_of = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(world_size), key=lambda k: (load[k], k))
-        owner[i] = r
+        rank_of[i] = r
         load[r] += costs[i]
-    return owner
+    return rank_of
+
+
+def plan_work(units_per_item: Sequence[Sequence], world_size: int) -> tuple[list[int], list[float]]:
+    """The rank of each work item (a list of :class:`aro.engine.Unit`) and each rank's total cost."""
+    costs = [sum(unit_cost(u.members[0].shape.m, [m.shape.n for m in u.members]) for u in item)
+             for item in units_per_item]
+    rank_of = assign(costs, world_size)
+    loads = [0.0] * world_size
+    for c, r in zip(costs, rank_of):
+        loads[r] += c
+    return rank_of, loads
