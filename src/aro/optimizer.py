@@ -22,7 +22,7 @@ from .distributed.executor import Report, local, make_executor
 from .engine import Sources, plan_units
 from .functional.adamw import adamw_
 from .functional.numerics import apply_update_, finite_flags, nesterov
-from .spec import SPEC_KEYS, GroupSpec, SpecCache, resolve
+from .spec import SPEC_KEYS, GroupSpec, SpecCache, resolve, resolve_checked
 from .validation import (index_of, is_named, name_group, param_label, stepping_params, validate_group_keys,
                          validate_hyperparameters, validate_param, validate_sharing)
 
@@ -180,7 +180,7 @@ class ARO(Optimizer):
             matmul_dtype=matmul_dtype,
         )
         validate_hyperparameters(defaults)
-        self._spec = SpecCache()
+        self._spec = SpecCache(resolve_checked)
         self._counters: dict[tuple[str, torch.device], Tensor] = {}
         self._last_report = Report({}, 0, [])
         self._warned_nonfinite = False
@@ -194,9 +194,8 @@ class ARO(Optimizer):
         for group in self.param_groups:
             for key in SPEC_KEYS + ("lr", "weight_decay"):
                 group.setdefault(key, self.defaults[key])
-        for name, value in (("_spec", SpecCache()), ("_counters", {}), ("_last_report", Report({}, 0, [])),
-                            ("_warned_nonfinite", False)):
-            self.__dict__.setdefault(name, value)
+        self.__dict__.setdefault("_spec", SpecCache(resolve_checked))
+        self.__dict__.setdefault("_last_report", Report({}, 0, []))  # pickles of older versions
 
     def spec(self, group: dict[str, Any]) -> GroupSpec:
         """The resolved spec of one of this optimizer's groups (made again if a value changed)."""
@@ -236,11 +235,8 @@ class ARO(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
-        Excluded from ``torch.compile``: ``torch.compile(opt.step)`` (PyTorch's recipe for
-        compiled optimizers) runs this step eagerly instead of tracing it into a storm of graph
-        breaks (README, "torch.compile"). The exclusion needs TorchDynamo, which is loaded only
-        where something compiles; importing it here would double the import time of ``aro``.
-        """
+        ``torch.compile(opt.step)`` runs it eagerly rather than tracing it into a storm of graph
+        breaks (README, "torch.compile"); TorchDynamo is only touched if something loaded it."""
         if "torch._dynamo" in sys.modules:
             return _eager_step(type(self))(self, closure)
         return self._step(closure)

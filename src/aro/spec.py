@@ -17,8 +17,9 @@ from torch import Tensor
 
 from .functional.projections import AdamProjection, Projection, make_projection
 from .layout import MatrixShape, matrix_shape, resolve_orientation
+from .validation import validate_hyperparameters
 
-__all__ = ["SPEC_KEYS", "GroupSpec", "Sharing", "resolve", "snapshot"]
+__all__ = ["SPEC_KEYS", "GroupSpec", "Sharing", "SpecCache", "resolve", "resolve_checked", "snapshot"]
 
 # The group values a spec is made from (everything but params, names, lr and weight_decay).
 SPEC_KEYS = ("algorithm", "base", "sinkhorn_iters", "sinkhorn_variant", "betas", "eps", "rotation", "qr",
@@ -107,6 +108,12 @@ def resolve(group: dict[str, Any]) -> GroupSpec:
         nonfinite=group["nonfinite"], betas=(float(group["betas"][0]), float(beta2)), eps=float(group["eps"]),
         sharing=Sharing.of(group.get("shared")), source=snapshot(group),
     )
+
+
+def resolve_checked(group: dict[str, Any]) -> GroupSpec:
+    """:func:`resolve` after checking the values again (a user may have changed them since)."""
+    validate_hyperparameters(group)
+    return resolve(group)
 
 
 class SpecCache:
