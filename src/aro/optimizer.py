@@ -185,7 +185,7 @@ class ARO(Optimizer):
         self._last_report = Report({}, 0, [])
         self._warned_nonfinite = False
         super().__init__(params, defaults)
-        self._executor = make_executor([p for g in self.param_groups for p in g["params"]], process_group)
+        self._executor = make_executor(self._labelled_params(), process_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, and torch's ``load_state_dict``, which replaces each group by the saved one:
@@ -228,8 +228,10 @@ class ARO(Optimizer):
             self.param_groups.pop()
             raise
         if hasattr(self, "_executor"):  # a group added after construction joins the same mode
-            self._executor = make_executor([p for g in self.param_groups for p in g["params"]],
-                                           self._executor.process_group)
+            self._executor = make_executor(self._labelled_params(), self._executor.process_group)
+
+    def _labelled_params(self) -> list[tuple[str, Tensor]]:
+        return [(param_label(g, i, p), p) for g in self.param_groups for i, p in enumerate(g["params"])]
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -317,7 +319,7 @@ class ARO(Optimizer):
         report = self._executor.run(spec, plan_units(spec, group_params, params, self.state), src, self._count)
         last = self._last_report
         loads = [a + b for a, b in zip(last.loads, report.loads)] if last.loads else report.loads
-        self._last_report = Report({}, last.rotations + report.rotations, loads)
+        self._last_report = Report({}, last.rotations + report.rotations, loads, last.sent_bytes + report.sent_bytes)
         lr = float(group["lr"])
         apply_update_([local(p) for p in params], [report.updates[id(p)] for p in params], lr=lr,
                       weight_decay=group["weight_decay"], scale=-lr)
@@ -356,12 +358,14 @@ class ARO(Optimizer):
         previous rotation), ``nonfinite_skips`` (parameter steps skipped for NaN/Inf
         gradients), ``qr_per_step`` (rotations computed by this rank in the last step) and, when
         the work is split across ranks, ``rotation_cost_by_rank`` (last step's rotation FLOPs, up
-        to a constant, assigned to each rank)."""
+        to a constant, assigned to each rank) and ``bytes_sent_per_step`` (the optimizer's payload
+        this rank sent to others in the last step)."""
         out: dict[str, Any] = {"qr_fallbacks": 0, "degenerate_rotations": 0, "nonfinite_skips": 0}
         for (name, _), value in self._counters.items():
             out[name] += int(value)
         out["qr_per_step"] = self._last_report.rotations
         out["rotation_cost_by_rank"] = list(self._last_report.loads)
+        out["bytes_sent_per_step"] = self._last_report.sent_bytes
         return out
 
     # ------------------------------------------------------------------ state dict

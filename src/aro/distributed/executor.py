@@ -4,8 +4,9 @@
   process group);
 * :class:`aro.distributed.replicated.Replicated` -- replicated parameters (DDP): the units are
   split across ranks by cost and the results all-gathered;
-* :class:`aro.distributed.sharded.Sharded` -- DTensor parameters (FSDP2): whole matrices are
-  assembled on the rank that steps them and the rows sent back.
+* :class:`aro.distributed.sharded.Sharded` -- DTensor parameters of any supported placement
+  (FSDP2, tensor parallel, 2-D meshes), possibly mixed with regular ones: whole matrices are
+  assembled on the rank that steps them and the pieces sent back.
 
 :func:`make_executor` picks the mode from the parameters and the ``process_group`` argument;
 :mod:`torch.distributed.tensor` is imported only when a parameter is a DTensor.
@@ -28,6 +29,7 @@ class Report(NamedTuple):
     updates: dict[int, Tensor]  # id(param) -> update, in the layout of the parameter's local tensor
     rotations: int  # rotations computed on this rank
     loads: list[float]  # cost of the work each rank did (empty on one process)
+    sent_bytes: int = 0  # payload this rank sent to other ranks
 
 
 def is_dtensor(t: Any) -> bool:
@@ -58,22 +60,28 @@ class SingleProcess:
         return whole
 
 
-def make_executor(params: list[Tensor], process_group: Any) -> SingleProcess:
-    """The execution mode for these parameters (see the module docstring)."""
+def make_executor(named: list[tuple[str, Tensor]], process_group: Any) -> SingleProcess:
+    """The execution mode for these ``(label, parameter)`` pairs (see the module docstring).
+
+    With DTensor parameters the work is shared by ``process_group`` or, by default, by the ranks
+    of the parameters' device meshes (all of a 2-D mesh, so FSDP x TP balances over every rank).
+    """
     pg = _normalize_process_group(process_group)
-    sharded = [p for p in params if is_dtensor(p)]
+    sharded = [(label, p) for label, p in named if is_dtensor(p)]
     if sharded:
-        if len(sharded) != len(params):
-            raise ValueError("ARO got a mix of DTensor and regular parameters; shard all of them (fully_shard) or none")
-        for i, p in enumerate(sharded):
-            if p.device_mesh.ndim != 1 or any(type(pl).__name__ != "Shard" or pl.dim != 0 for pl in p.placements):
-                raise ValueError(
-                    f"ARO supports DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2 fully_shard); "
-                    f"parameter {i} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh"
-                )
+        from .placement import check_placements
+
+        for label, p in sharded:
+            check_placements(p, label)
+        group = pg if pg is not None else _group_of_ranks(sorted({r for _, p in sharded for r in _mesh_ranks(p)}))
+        members = set(torch.distributed.get_process_group_ranks(group))
+        for label, p in sharded:
+            if not set(_mesh_ranks(p)) <= members:
+                raise ValueError(f"{label} lives on ranks {_mesh_ranks(p)}, outside the optimizer's process_group "
+                                 f"(ranks {sorted(members)}); pass a process_group that covers its device mesh")
         from .sharded import Sharded  # imports torch.distributed.tensor
 
-        return Sharded(pg if pg is not None else sharded[0].device_mesh.get_group())
+        return Sharded(group)
     if pg is not None:
         from .replicated import Replicated
 
@@ -81,8 +89,20 @@ def make_executor(params: list[Tensor], process_group: Any) -> SingleProcess:
     return SingleProcess()
 
 
+def _mesh_ranks(p: Any) -> list[int]:
+    return p.device_mesh.mesh.flatten().tolist()
+
+
+def _group_of_ranks(ranks: list[int]) -> Any:
+    """The default group if ``ranks`` are all ranks, else a group of them (made by them alone)."""
+    dist = torch.distributed
+    if ranks == list(range(dist.get_world_size())):
+        return dist.group.WORLD
+    return dist.new_group(ranks, use_local_synchronization=True)
+
+
 def _normalize_process_group(pg: Any) -> Any:
-    """ProcessGroup, 1-D DeviceMesh or None; anything else is a TypeError."""
+    """ProcessGroup, DeviceMesh (its ranks) or None; anything else is a TypeError."""
     if pg is None:
         return None
     if not torch.distributed.is_available():
@@ -91,9 +111,7 @@ def _normalize_process_group(pg: Any) -> Any:
     from torch.distributed.device_mesh import DeviceMesh
 
     if isinstance(pg, DeviceMesh):
-        if pg.ndim != 1:
-            raise ValueError(f"Invalid process_group: a {pg.ndim}-D DeviceMesh; pass a 1-D mesh or one of its groups")
-        return pg.get_group()
+        return pg.get_group() if pg.ndim == 1 else _group_of_ranks(sorted(pg.mesh.flatten().tolist()))
     if isinstance(pg, ProcessGroup):
         return pg
     raise TypeError(

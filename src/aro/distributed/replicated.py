@@ -38,7 +38,7 @@ class Replicated(SingleProcess):
         world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
         buckets = bucketize(spec, units, src)
         rank_of, loads = plan_work([[u] for b in buckets for u in b], world)
-        pending, offset, rotations = [], 0, 0
+        pending, offset, rotations, sent = [], 0, 0, 0
         for bucket in buckets:
             ranks = rank_of[offset : offset + len(bucket)]
             offset += len(bucket)
@@ -50,6 +50,7 @@ class Replicated(SingleProcess):
                 result = compute_bucket(spec, mine, src)
                 rotations += count_rotations(spec, mine, result, src, count)
                 rows = pack_rows(result.values)
+                sent += rows.numel() * rows.element_size() * (world - 1)  # delivered to every other rank
             work, recv = all_gather_rows(rows, max(ranks.count(r) for r in range(world)), self.process_group)
             pending.append((bucket, ranks, shapes, work, recv))  # the gather overlaps the next bucket
         pieces: dict[int, list] = defaultdict(list)
@@ -62,4 +63,4 @@ class Replicated(SingleProcess):
                 seen[r] += 1
             values = unpack_rows(torch.stack(rows_in_order), shapes)
             apply_bucket(spec, bucket, BucketResult(values, torch.zeros(()), torch.zeros(())), src, pieces)
-        return Report(assemble_updates(units, pieces), rotations, loads)
+        return Report(assemble_updates(units, pieces), rotations, loads, sent)
