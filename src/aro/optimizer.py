@@ -317,9 +317,7 @@ class ARO(Optimizer):
         momenta = nesterov(grads, bufs, spec.beta) if spec.nesterov else bufs
         src = self._sources(spec, group_params, params, momenta)
         report = self._executor.run(spec, plan_units(spec, group_params, params, self.state), src, self._count)
-        last = self._last_report
-        loads = [a + b for a, b in zip(last.loads, report.loads)] if last.loads else report.loads
-        self._last_report = Report({}, last.rotations + report.rotations, loads, last.sent_bytes + report.sent_bytes)
+        self._last_report = self._last_report.merged(report)
         lr = float(group["lr"])
         apply_update_([local(p) for p in params], [report.updates[id(p)] for p in params], lr=lr,
                       weight_decay=group["weight_decay"], scale=-lr)
@@ -358,14 +356,16 @@ class ARO(Optimizer):
         previous rotation), ``nonfinite_skips`` (parameter steps skipped for NaN/Inf
         gradients), ``qr_per_step`` (rotations computed by this rank in the last step) and, when
         the work is split across ranks, ``rotation_cost_by_rank`` (last step's rotation FLOPs, up
-        to a constant, assigned to each rank) and ``bytes_sent_per_step`` (the optimizer's payload
-        this rank sent to others in the last step)."""
+        to a constant, assigned to each rank), ``bytes_sent_per_step`` (the optimizer's payload
+        this rank sent to others in the last step) and, for DTensor parameters,
+        ``bytes_floor_per_step`` (the least that step had to move, summed over all ranks)."""
         out: dict[str, Any] = {"qr_fallbacks": 0, "degenerate_rotations": 0, "nonfinite_skips": 0}
         for (name, _), value in self._counters.items():
             out[name] += int(value)
         out["qr_per_step"] = self._last_report.rotations
         out["rotation_cost_by_rank"] = list(self._last_report.loads)
         out["bytes_sent_per_step"] = self._last_report.sent_bytes
+        out["bytes_floor_per_step"] = self._last_report.floor_bytes
         return out
 
     # ------------------------------------------------------------------ state dict

@@ -69,11 +69,13 @@ class CausalSelfAttention(nn.Module):
         self.o = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # heads counted from the projection's width (-1), so a tensor-parallel q/k/v that computes
+        # only this rank's heads runs the same code (aro.bench.parallel.tensor_parallel)
         B, T, d = x.shape
-        h = self.n_heads
-        q, k, v = (proj(x).view(B, T, h, d // h).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        head = d // self.n_heads
+        q, k, v = (proj(x).view(B, T, -1, head).transpose(1, 2) for proj in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, d))
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

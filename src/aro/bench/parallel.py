@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["PARALLEL_MODES", "Parallel", "setup_parallel"]
+__all__ = ["PARALLEL_MODES", "Parallel", "setup_parallel", "tensor_parallel"]
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
 
@@ -106,6 +106,22 @@ class Parallel:
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             set_optimizer_state_dict(model, opt, state, options=options)
         return ckpt["step"]
+
+
+def tensor_parallel(model: nn.Module, mesh: Any) -> nn.Module:
+    """Megatron-style tensor parallelism of the dense blocks over a 1-D ``mesh``, in place: q, k,
+    v and the MLP's up projection column-parallel (each rank computes its heads and hidden
+    units), o and down row-parallel (partial sums all-reduced). Embeddings, norms, the LM head
+    and MoE layers stay regular tensors, replicated, so the optimizer sees both kinds. Every
+    rank must feed the same batch."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.o": RowwiseParallel()}
+    for block in model.blocks:
+        dense = {"mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()} if hasattr(block.mlp, "up") else {}
+        parallelize_module(block, mesh, {**plan, **dense})
+    return model
 
 
 def setup_parallel(mode: str) -> Parallel:

@@ -30,6 +30,13 @@ class Report(NamedTuple):
     rotations: int  # rotations computed on this rank
     loads: list[float]  # cost of the work each rank did (empty on one process)
     sent_bytes: int = 0  # payload this rank sent to other ranks
+    floor_bytes: int = 0  # the least any plan must move, all ranks together (sharded mode)
+
+    def merged(self, other: Report) -> Report:
+        """The totals of this report and ``other`` (two groups of one step); updates are not kept."""
+        loads = [a + b for a, b in zip(self.loads, other.loads)] if self.loads else other.loads
+        return Report({}, self.rotations + other.rotations, loads, self.sent_bytes + other.sent_bytes,
+                      self.floor_bytes + other.floor_bytes)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -81,7 +88,7 @@ def make_executor(named: list[tuple[str, Tensor]], process_group: Any) -> Single
                                  f"(ranks {sorted(members)}); pass a process_group that covers its device mesh")
         from .sharded import Sharded  # imports torch.distributed.tensor
 
-        return Sharded(group)
+        return Sharded(group, [p for _, p in sharded])
     if pg is not None:
         from .replicated import Replicated
 

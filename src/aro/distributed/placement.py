@@ -23,7 +23,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Piece", "check_placements", "indexer", "local_position", "piece_sets", "pieces", "state_placements"]
+__all__ = ["Piece", "check_placements", "indexer", "local_position", "mesh_ranks", "piece_sets", "pieces",
+           "state_placements"]
 
 Sets = tuple[tuple[int, ...], ...]  # one ascending index tuple per tensor dimension
 
@@ -99,19 +100,21 @@ def _specs(placements: Sequence[Any], ndim: int) -> tuple[tuple[str, int, int], 
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(shape: tuple[int, ...], mesh_ranks: tuple[int, ...], mesh_shape: tuple[int, ...],
+def _layout(shape: tuple[int, ...], slices: tuple[tuple[int, ...], ...], mesh_shape: tuple[int, ...],
             specs: tuple[tuple[str, int, int], ...]) -> tuple[tuple[int, Sets], ...]:
-    """(global rank, index sets) of every rank of the mesh."""
+    """(global rank, index sets) of every rank of each of the parallel meshes ``slices`` (their
+    ranks, flattened); one slice unless the mesh is a submesh that other ranks see in parallel."""
     out = []
-    for flat, coord in enumerate(itertools.product(*(range(s) for s in mesh_shape))):
-        sets = tuple(_dim_sets(n, d, mesh_shape, specs, coord) for d, n in enumerate(shape))
-        out.append((mesh_ranks[flat], sets))
+    for ranks in slices:
+        for flat, coord in enumerate(itertools.product(*(range(s) for s in mesh_shape))):
+            sets = tuple(_dim_sets(n, d, mesh_shape, specs, coord) for d, n in enumerate(shape))
+            out.append((ranks[flat], sets))
     return tuple(out)
 
 
 def piece_sets(t: Any) -> tuple[tuple[int, Sets], ...]:
     """(global rank, index sets of its local tensor) for every rank of a DTensor's mesh."""
-    return _layout(tuple(t.shape), *_mesh_key(t))
+    return _layout(tuple(t.shape), *_mesh_key(t, None))
 
 
 @functools.lru_cache(maxsize=16384)
@@ -133,22 +136,29 @@ def _grouped(shape: tuple[int, ...], mesh: tuple[tuple[int, ...], tuple[int, ...
     return tuple(Piece(sets, tuple(sorted(h))) for sets, h in holders.items())
 
 
-def _mesh_key(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple] | None:
+def mesh_ranks(t: Any) -> tuple[int, ...]:
+    """The global ranks of a DTensor's mesh, flattened in mesh order."""
+    return tuple(t.device_mesh.mesh.flatten().tolist())
+
+
+def _mesh_key(t: Any, slices: tuple[tuple[int, ...], ...] | None) -> tuple | None:
     if not (hasattr(t, "device_mesh") and hasattr(t, "placements")):
         return None
-    mesh = t.device_mesh
-    return tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), _specs(t.placements, t.ndim)
+    return slices or (mesh_ranks(t),), tuple(t.device_mesh.mesh.shape), _specs(t.placements, t.ndim)
 
 
-def pieces(t: Tensor, expert: int | None, group_ranks: tuple[int, ...]) -> tuple[Piece, ...]:
+def pieces(t: Tensor, expert: int | None, group_ranks: tuple[int, ...],
+           slices: tuple[tuple[int, ...], ...] | None = None) -> tuple[Piece, ...]:
     """The distinct non-empty pieces of ``t`` (or of ``t[expert]``) and which group ranks hold
-    each; a regular tensor is one piece held by every rank."""
-    return _grouped(tuple(t.shape), _mesh_key(t), expert, group_ranks)
+    each; a regular tensor is one piece held by every rank. ``slices``: the ranks of every
+    parallel copy of ``t``'s mesh, when it is a submesh (FSDP's data-parallel mesh of an FSDP x
+    TP model: ranks 0 and 2 hold one copy of a norm weight, ranks 1 and 3 another)."""
+    return _grouped(tuple(t.shape), _mesh_key(t, slices), expert, group_ranks)
 
 
 def local_position(t: Any, expert: int, rank: int) -> int:
     """Where ``t[expert]`` lies in global rank ``rank``'s local tensor (it must hold it)."""
-    if _mesh_key(t) is None:
+    if _mesh_key(t, None) is None:
         return expert
     for g, sets in piece_sets(t):
         if g == rank:

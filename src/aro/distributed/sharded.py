@@ -29,7 +29,7 @@ from .. import state_schema as S
 from ..engine import Count, Member, Sources, Unit, run_units
 from ..spec import GroupSpec
 from .executor import Report, SingleProcess, is_dtensor, local
-from .placement import Piece, indexer, local_position, pieces, state_placements
+from .placement import Piece, indexer, local_position, mesh_ranks, pieces, state_placements
 from .planning import plan_work
 from .transport import exchange
 
@@ -76,11 +76,18 @@ def _views(spec: GroupSpec, item: list[Unit], src: Sources) -> list[_View]:
 class Sharded(SingleProcess):
     """Work items stepped whole on one rank each of ``process_group``."""
 
-    def __init__(self, process_group: Any) -> None:
+    def __init__(self, process_group: Any, params: list[Tensor]) -> None:
+        """``params``: the DTensor parameters. Their meshes may be submeshes (FSDP's data-parallel
+        mesh inside an FSDP x TP mesh) that other ranks see as other slices; one all-gather of
+        every rank's mesh ranks, here, tells each rank all the slices (collective: every rank
+        of the group constructs the optimizer)."""
         self.process_group = process_group
         world = dist.get_world_size(process_group)
         self.ranks = tuple(dist.get_global_rank(process_group, r) for r in range(world))
         self.rank = dist.get_rank(process_group)
+        seen: list[Any] = [None] * world
+        dist.all_gather_object(seen, [mesh_ranks(p) for p in params], group=process_group)
+        self._slices = {id(p): tuple(sorted({ranks[i] for ranks in seen})) for i, p in enumerate(params)}
 
     def place_rows(self, rows: Tensor, p: Tensor) -> Tensor:
         """Local ``rows`` of ``p``'s shape as a DTensor laid out like ``p`` (no communication)."""
@@ -102,7 +109,7 @@ class Sharded(SingleProcess):
         """Updates are this rank's pieces; the new state pieces are written into ``src``'s tensors."""
         items = _items(units)
         views = [_views(spec, item, src) for item in items]
-        layouts = [[pieces(v.tensor, v.expert, self.ranks) for v in vs] for vs in views]
+        layouts = [[pieces(v.tensor, v.expert, self.ranks, self._slices.get(id(v.param))) for v in vs] for vs in views]
         rank_of, loads = plan_work(items, len(self.ranks), [_holding_all(vs, ls) for vs, ls in zip(views, layouts)])
         dtypes = sorted({v.tensor.dtype for vs in views for v in vs}, key=str)
         device = local(views[0][0].tensor).device
@@ -118,7 +125,7 @@ class Sharded(SingleProcess):
                 if v.key == S.MOMENTUM and id(v.param) not in updates:
                     updates[id(v.param)] = torch.empty_like(local(v.tensor))
         self._write_back(views, layouts, rank_of, results_of, sent_out[1], updates)
-        return Report(updates, rotations, loads, sent_in + sent_out[0])
+        return Report(updates, rotations, loads, sent_in + sent_out[0], _floor_bytes(views, layouts, len(self.ranks)))
 
     def _gather(self, views: list[list[_View]], layouts: list[list[tuple[Piece, ...]]], rank_of: list[int],
                 dtypes: list[torch.dtype], device: torch.device) -> tuple[dict[int, list[Tensor]], int]:
@@ -232,3 +239,15 @@ def _holding_all(views: list[_View], layouts: list[tuple[Piece, ...]]) -> list[i
         whole = {h for p in ps if p.shape == v.shape for h in p.holders}
         common = whole if common is None else common & whole
     return sorted(common) if common else None
+
+
+def _floor_bytes(views: list[list[_View]], layouts: list[list[tuple[Piece, ...]]], world: int) -> int:
+    """The fewest bytes any plan must move (all ranks together) for these items: each piece not
+    on the item's owner goes there once, and each holder other than the owner gets its piece of
+    the result, with the owner of each item chosen to move the least."""
+    total = 0
+    for vs, ls in zip(views, layouts):
+        sizes = [(p.numel * v.tensor.element_size(), p.holders) for v, ps in zip(vs, ls) for p in ps]
+        total += sum(b * (len(h) - 1) for b, h in sizes)
+        total += 2 * min(sum(b for b, h in sizes if r not in h) for r in range(world))
+    return total
