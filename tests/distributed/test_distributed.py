@@ -200,3 +200,23 @@ def test_trainer_ddp_resume_continues_identically(tmp_path):
     assert sorted(full["losses"]) == list(range(1, 7)) and full["losses"] == resumed["losses"]
     for name, p in full["params"].items():
         assert torch.equal(p, resumed["params"][name]), name
+
+
+def test_distbench_tensor_parallel_modes_report_bytes_against_the_floor(tmp_path):
+    import json
+
+    from aro.bench.cli import main
+    from aro.bench.distbench import DistbenchOptions
+
+    out = tmp_path / "db.json"
+    assert main(["distbench", "--preset", "tiny", "--worlds", "2", "--modes", "tp,fsdp2-tp", "--warmup", "1",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    runs = {r["mode"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"tp", "fsdp2-tp"}
+    for r in runs.values():
+        assert sum(r["qr_per_step_by_rank"]) == 18  # every matrix stepped once, somewhere
+        assert r["bytes_floor"] > 0 and sum(r["bytes_sent_by_rank"]) >= r["bytes_floor"]
+        assert all(b > 0 for b in r["bytes_sent_by_rank"])
+    assert main(["distbench", "--preset", "tiny", "--worlds", "3", "--modes", "fsdp2-tp", "--out", str(out)]) == 2
+    with pytest.raises(ValueError, match="even --worlds"):
+        DistbenchOptions(worlds=(3,), modes=("fsdp2-tp",))

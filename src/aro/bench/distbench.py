@@ -1,14 +1,15 @@
 """``aro distbench``: the distributed optimizer step, per rank, for several world sizes.
 
 For each world size ``N`` it spawns ``N`` gloo processes on this machine (one torch thread
-each), builds the same model on every rank, wraps it for data parallelism -- ``ddp``: full
-replicas and ``aro.ARO(..., process_group=WORLD)``, which splits the rotation work by cost and
-all-gathers the updates; ``fsdp2``: ``fully_shard`` per block, the optimizer assembling whole
-matrices by all-to-all -- gives every rank the same fixed gradients and times ``opt.step()``
-after warm-up (a barrier before each step, so the ranks start together). It reports each
-rank's median step time and its share of the rotation FLOPs (``ARO.stats()``'s
-``rotation_cost_by_rank``: the cost model :math:`m^2 n + m^3` per matrix that the split
-balances).
+each), builds the same model on every rank, lays it out by mode -- ``ddp``: full replicas and
+``aro.ARO(..., process_group=WORLD)``, which splits the rotation work by cost and all-gathers
+the updates; ``fsdp2``: ``fully_shard`` per block; ``tp``: the dense blocks tensor-parallel;
+``fsdp2-tp``: both, on a (N/2) x 2 mesh; the optimizer assembles whole matrices from the DTensor
+pieces -- gives every rank the same fixed gradients and times ``opt.step()`` after warm-up (a
+barrier before each step, so the ranks start together). It reports each rank's median step time,
+its share of the rotation FLOPs (``ARO.stats()``'s ``rotation_cost_by_rank``: the cost model
+:math:`m^2 n + m^3` per matrix that the split balances), and the bytes it sent, beside the
+floor: the least any plan moves (``bytes_floor_per_step``).
 
 On a machine with fewer cores than ranks the processes share cores; the FLOP shares are
 exact regardless, the times then show the oversubscription.
@@ -39,7 +40,7 @@ from .files import atomic_write_text
 
 __all__ = ["DIST_MODES", "DistbenchOptions", "run_distbench"]
 
-DIST_MODES = ("ddp", "fsdp2")
+DIST_MODES = ("ddp", "fsdp2", "tp", "fsdp2-tp")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class DistbenchOptions:
 
     preset: str = option("small", "model preset", choices=sorted(PRESETS))
     worlds: tuple[int, ...] = option((1, 2, 3), "comma-separated world sizes", minimum=1)
-    modes: tuple[str, ...] = option(DIST_MODES, f"comma-separated, of {', '.join(DIST_MODES)}", choices=DIST_MODES)
+    modes: tuple[str, ...] = option(DIST_MODES[:2], f"comma-separated, of {', '.join(DIST_MODES)}", choices=DIST_MODES)
     sharing: str = option("none", "rotation sharing plan", choices=("none", "global", "chain"))
     warmup: int = option(3, "untimed steps first", minimum=0)
     repeats: int = option(10, "timed steps", minimum=1)
@@ -61,6 +62,9 @@ class DistbenchOptions:
             raise ValueError("--worlds: give at least one world size, e.g. --worlds 1,2")
         if not self.modes:
             raise ValueError(f"--modes: give at least one of {', '.join(DIST_MODES)}")
+        if "fsdp2-tp" in self.modes and any(w % 2 for w in self.worlds):
+            raise ValueError(f"--modes fsdp2-tp runs on a (world/2) x 2 mesh: give even --worlds, got "
+                             f"{','.join(map(str, self.worlds))}")
 
 
 def _free_port() -> int:
@@ -87,11 +91,10 @@ def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: s
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = build_model(preset, seed=0)
-        par = Parallel(mode, rank, world)
-        if mode == "fsdp2":
-            par.wrap(model)  # sharded in place; the optimizer detects the DTensor parameters
+        par = Parallel(mode if mode in ("ddp", "fsdp2") else "none", rank, world)
+        _lay_out(model, mode, world)  # in place; the optimizer detects the DTensor parameters
         # only the optimizer step is timed, so DDP needs no wrapper: just the group that splits the work
-        pg = par.process_group if world > 1 else None
+        pg = par.process_group if world > 1 and mode == "ddp" else None
         groups = aro.param_groups(model, sharing=sharing)
         opt = aro.ARO(groups, lr=1e-3, weight_decay=0.1, betas=ADAMW_BETAS, eps=ADAMW_EPS, process_group=pg)
         g = torch.Generator().manual_seed(1)
@@ -112,11 +115,30 @@ def _worker(rank: int, world: int, port: int, preset: str, mode: str, sharing: s
                 times.append(time.perf_counter() - t0)
         stats = opt.stats()
         row = {"rank": rank, "step_ms": 1e3 * statistics.median(times), "qr_per_step": stats["qr_per_step"],
-               "rotation_cost_by_rank": stats["rotation_cost_by_rank"]}
+               "rotation_cost_by_rank": stats["rotation_cost_by_rank"], "bytes_sent": stats["bytes_sent_per_step"],
+               "bytes_floor": stats["bytes_floor_per_step"]}
         Path(out, f"rank{rank}.json").write_text(json.dumps(row))
         dist.barrier()
     finally:
         _teardown()
+
+
+def _lay_out(model: torch.nn.Module, mode: str, world: int) -> None:
+    """``fsdp2``: every block and the model sharded over all ranks; ``tp``: the dense blocks
+    tensor-parallel over all ranks; ``fsdp2-tp``: tensor parallel within pairs of ranks and FSDP2
+    across the pairs, on a (world/2) x 2 mesh (torchtitan's 2-D layout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .parallel import fully_shard_blocks, tensor_parallel
+
+    if mode == "fsdp2":
+        fully_shard_blocks(model, init_device_mesh("cpu", (world,)))
+    elif mode == "tp":
+        tensor_parallel(model, init_device_mesh("cpu", (world,)))
+    elif mode == "fsdp2-tp":
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        tensor_parallel(model, mesh["tp"])
+        fully_shard_blocks(model, mesh["dp"])
 
 
 def run_distbench(options: DistbenchOptions, *, progress=print) -> dict:
@@ -137,6 +159,10 @@ def run_distbench(options: DistbenchOptions, *, progress=print) -> dict:
                 "step_ms_by_rank": [r["step_ms"] for r in ranks],
                 "qr_per_step_by_rank": [r["qr_per_step"] for r in ranks],
                 "rotation_flop_share_by_rank": [c / total for c in costs],
+                "bytes_sent_by_rank": [r["bytes_sent"] for r in ranks],
+                # the least any plan moves, all ranks together: each piece to the rank that steps
+                # its matrix and back, from and to the rank that holds most of it (sharded modes)
+                "bytes_floor": ranks[0]["bytes_floor"],
             })
     o.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(o.out, json.dumps(result, indent=1))
@@ -145,9 +171,12 @@ def run_distbench(options: DistbenchOptions, *, progress=print) -> dict:
 
 def format_distbench(result: dict) -> str:
     lines = [f"optimizer step per rank, preset {result['preset']}, sharing {result['sharing']} "
-             "(ms, median | rotation FLOP share | rotations computed)"]
+             "(ms, median | rotation FLOP share | rotations computed | KiB sent)"]
     for r in result["runs"]:
-        cells = [f"rank{i} {ms:.1f} ms | {share:.0%} | {q}" for i, (ms, share, q) in
-                 enumerate(zip(r["step_ms_by_rank"], r["rotation_flop_share_by_rank"], r["qr_per_step_by_rank"]))]
-        lines.append(f"  {r['mode']:<5} world {r['world']}: " + "   ".join(cells))
+        cells = [f"rank{i} {ms:.1f} ms | {share:.0%} | {q} | {b / 1024:.0f}" for i, (ms, share, q, b) in
+                 enumerate(zip(r["step_ms_by_rank"], r["rotation_flop_share_by_rank"], r["qr_per_step_by_rank"],
+                               r.get("bytes_sent_by_rank", [0] * r["world"])))]
+        sent = sum(r.get("bytes_sent_by_rank", []))
+        floor = f", {sent / r['bytes_floor']:.2f}x the floor" if r.get("bytes_floor") else ""
+        lines.append(f"  {r['mode']:<8} world {r['world']}: " + "   ".join(cells) + floor)
     return "\n".join(lines)

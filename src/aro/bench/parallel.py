@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["PARALLEL_MODES", "Parallel", "setup_parallel", "tensor_parallel"]
+__all__ = ["PARALLEL_MODES", "Parallel", "fully_shard_blocks", "setup_parallel", "tensor_parallel"]
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
 
@@ -47,12 +47,8 @@ class Parallel:
             return nn.parallel.DistributedDataParallel(model)
         if self.mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (self.world,))
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            fully_shard_blocks(model, init_device_mesh("cpu", (self.world,)))
         return model
 
     @property
@@ -106,6 +102,16 @@ class Parallel:
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             set_optimizer_state_dict(model, opt, state, options=options)
         return ckpt["step"]
+
+
+def fully_shard_blocks(model: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2 over a 1-D ``mesh``: every block, then the model (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def tensor_parallel(model: nn.Module, mesh: Any) -> nn.Module:
