@@ -3,7 +3,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aro.functional.qr import householder_qr, orthonormalize, shifted_cholesky_qr
+from aro.functional.qr import (DEFAULT_SHIFT, MAX_FIRST_PASS_ERROR, _cholesky_qr_pass, householder_qr, orthonormalize,
+                               shifted_cholesky_qr)
 
 
 def orth_err(Q):
@@ -94,3 +95,21 @@ def test_rotations_orthogonal_across_scales(m, log_scale, rank, method, seed):
     Q = orthonormalize(A, prev, method=method).Q
     assert torch.isfinite(Q).all()
     assert orth_err(Q) <= 1e-5
+
+
+def test_a_matrix_is_orthonormalized_the_same_whatever_shares_its_batch():
+    """The repair pass runs only for the matrices that need it: a well-conditioned matrix
+    batched with an ill-conditioned one gets the result it gets alone (the sharded optimizer
+    steps a bucket's matrices on different ranks, and must equal one process)."""
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    ill = (U * torch.logspace(0, -6, 48)) @ V.T  # float32: past what one shifted pass repairs
+    well = (V * torch.linspace(1, 2, 48)) @ U.T
+    alone, _ = shifted_cholesky_qr(well)
+    batched, _ = shifted_cholesky_qr(torch.stack([ill, well]))
+    first_pass, _ = _cholesky_qr_pass(torch.stack([ill, well]) / torch.stack([ill, well]).norm(dim=(-2, -1), keepdim=True),
+                                      DEFAULT_SHIFT * torch.finfo(torch.float32).eps / 2)
+    gram_error = torch.linalg.matrix_norm(first_pass.mT @ first_pass - torch.eye(48))
+    assert gram_error[0] > MAX_FIRST_PASS_ERROR >= gram_error[1]  # only the first needs the repair pass
+    assert torch.equal(batched[1], alone)

@@ -113,9 +113,12 @@ def shifted_cholesky_qr(A: Tensor, *, shift: float = DEFAULT_SHIFT, cholqr2: boo
     G = Q.mT @ Q
     close = torch.linalg.matrix_norm(G - eye) <= MAX_FIRST_PASS_ERROR
     if not bool(close.all()):  # shiftedCholeskyQR3: one more unshifted pass first
-        Q, ok2 = _cholesky_qr_pass(Q, 0.0, gram=G)
-        ok = ok & ok2
-        G = Q.mT @ Q
+        # only for the matrices that need it: a matrix's result must not depend on which others
+        # share its batch (a bucket on one process, a rank's share of it on several)
+        Q3, ok3 = _cholesky_qr_pass(Q, 0.0, gram=G)
+        keep = close[..., None, None]
+        Q, G = torch.where(keep, Q, Q3), torch.where(keep, G, Q3.mT @ Q3)
+        ok = ok & (ok3 | close)
         close = torch.linalg.matrix_norm(G - eye) <= MAX_FIRST_PASS_ERROR
     Q, ok2 = _cholesky_qr_pass(Q, 0.0, gram=torch.where(close[..., None, None], G, eye))
     return Q, ok & ok2 & close
