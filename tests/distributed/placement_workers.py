@@ -27,27 +27,35 @@ LAYOUTS = {
     "fsdp-tp": ((2, 2), {"up": [_StridedShard(0, split_factor=2), Shard(0)], "down": [Shard(0), Shard(1)],
                          "qkv": [Replicate(), Shard(0)], "experts": [Shard(0), Shard(2)],
                          "bias": [Shard(0), Replicate()], "dense": None}),
+    # HSDP: fully_shard over a 2-D mesh replicates across the first dimension, shards over the second
+    "hsdp": ((2, 2), {"up": [Replicate(), Shard(0)], "down": [Replicate(), Shard(0)], "qkv": [Replicate(), Shard(0)],
+                      "experts": [Replicate(), Shard(0)], "bias": [Replicate(), Shard(0)], "dense": None}),
+    # expert parallel alone: each rank holds whole experts
+    "ep": ((2,), {"experts": [Shard(0)], "bias": [Shard(0)]}),
     "rows": ((4,), {"up": [Shard(0)], "down": [Shard(0)], "qkv": [Shard(0)], "experts": [Shard(0)],
                     "bias": [Shard(0)], "dense": None}),
 }
 
 
-def full_values(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def full_values(dtype: torch.dtype, names=None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in SHAPES.items()}
+    values = {n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in SHAPES.items()}
+    return {n: t for n, t in values.items() if names is None or n in names}
 
 
-def grads(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def grads(step: int, dtype: torch.dtype, names=None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in SHAPES.items()}
+    values = {n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in SHAPES.items()}
+    return {n: t for n, t in values.items() if names is None or n in names}
 
 
 def make_opt(params: list[torch.Tensor], base: str) -> aro.ARO:
     return aro.ARO(params, lr=0.05, weight_decay=0.1, base=base)
 
 
-def train_single(steps: int, dtype: torch.dtype, base: str) -> tuple[dict, dict]:
-    full, rotations, _ = train_laid_out(None, steps, dtype, base)
+def train_single(steps: int, dtype: torch.dtype, base: str, layout: str | None = None) -> tuple[dict, dict]:
+    """One process, the parameters of ``layout`` (all if None)."""
+    full, rotations, _ = train_laid_out(None, steps, dtype, base, names=LAYOUTS[layout][1] if layout else None)
     return full, rotations
 
 
@@ -78,23 +86,24 @@ def _dcp_save(module: torch.nn.Module, opt: aro.ARO, path: str) -> None:
 
 
 def train_laid_out(layout: str | None, steps: int, dtype: torch.dtype, base: str, start: int = 0,
-                   resume: str | None = None, save: str | None = None) -> tuple[dict, dict, dict]:
+                   resume: str | None = None, save: str | None = None, names=None) -> tuple[dict, dict, dict]:
     """Steps ``start .. start + steps`` with the parameters laid out as ``LAYOUTS[layout]`` (None:
-    one process), optionally resumed from and saved to DCP; full parameters, rotations, stats."""
-    mesh_shape, placements = LAYOUTS[layout] if layout else ((), {n: None for n in SHAPES})
+    one process, the parameters ``names``, default all), optionally resumed from and saved to
+    DCP; full parameters, rotations, stats."""
+    mesh_shape, placements = LAYOUTS[layout] if layout else ((), {n: None for n in (names or SHAPES)})
     mesh = init_device_mesh("cpu", mesh_shape) if layout else None
 
     def lay(name: str, t: torch.Tensor) -> torch.Tensor:
         pl = placements[name]
         return t.clone() if pl is None else distribute_tensor(t, mesh, pl, src_data_rank=None)
 
-    params = {n: torch.nn.Parameter(lay(n, t)) for n, t in full_values(dtype).items()}
+    params = {n: torch.nn.Parameter(lay(n, t)) for n, t in full_values(dtype, placements).items()}
     module = _module(params)
     opt = make_opt(list(params.values()), base)
     if resume:
         _dcp_load(module, opt, resume)
     for step in range(start, start + steps):
-        for n, g in grads(step, dtype).items():
+        for n, g in grads(step, dtype, placements).items():
             params[n].grad = lay(n, g)
         opt.step()
     if save:

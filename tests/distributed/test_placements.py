@@ -10,8 +10,9 @@ from .test_distributed import rel, spawn
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
 
-@pytest.mark.parametrize("layout,world", [("tp", 2), ("fsdp-tp", 4)])
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("layout,world,dtype,tol", [("tp", 2, "float64", 1e-10), ("tp", 2, "float32", 1e-5),
+                                                     ("fsdp-tp", 4, "float64", 1e-10), ("fsdp-tp", 4, "float32", 1e-5),
+                                                     ("hsdp", 4, "float64", 1e-10)])
 def test_any_placement_equals_one_process(tmp_path, layout, world, dtype, tol):
     steps = 4
     spawn(PW.placement_worker, world, str(tmp_path), layout, steps, dtype, "sinkhorn")
@@ -81,3 +82,15 @@ def test_tensor_parallel_model_trains_as_one_process(tmp_path, fsdp, world):
             assert got["losses"] == pytest.approx(losses, rel=1e-12)
         for n, p in model.named_parameters():
             assert rel(got["params"][n], p.detach()) < 1e-9, (rank, n)
+
+
+def test_expert_parallel_weights_are_stepped_where_they_lie(tmp_path):
+    """Experts split along the expert dimension: each rank steps its own experts, nothing moves."""
+    spawn(PW.placement_worker, 2, str(tmp_path), "ep", 3, "float64", "sinkhorn")
+    ref, ref_rot = PW.train_single(3, torch.float64, "sinkhorn", "ep")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"placement_rank{rank}.pt", weights_only=False)
+        assert rel(got["params"]["experts"], ref["experts"]) < 1e-10
+        assert rel(got["rotations"]["experts"], ref_rot["experts"]) < 1e-10
+        assert got["stats"]["bytes_sent_per_step"] == 0 and got["stats"]["bytes_floor_per_step"] == 0
+        assert got["stats"]["qr_per_step"] == 2  # its two experts
