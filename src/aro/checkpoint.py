@@ -13,9 +13,10 @@ from typing import Any
 from torch import Tensor
 
 from . import state_schema as S
-from .spec import GroupSpec
+from .spec import GroupSpec, resolve
+from .validation import param_label
 
-__all__ = ["check_grouping", "check_saved_state", "copy_state_value"]
+__all__ = ["check_grouping", "check_saved_state", "checked_pairs", "copy_state_value"]
 
 _REGROUP = ("rebuild the optimizer with the grouping it was saved with (the same aro.param_groups(model, mode=..., "
             "sharing=..., no_decay=...); checkpoints from before no_decay existed need no_decay=()), or load only "
@@ -95,3 +96,18 @@ def check_saved_state(spec: GroupSpec, index: int, p: Tensor, st: dict[str, Any]
     for key, shape in S.state_shapes(spec, index, p, orientation).items():
         if shape is not None and key in st and tuple(st[key].shape) != shape:
             raise ValueError(f"saved state {key!r} has shape {tuple(st[key].shape)}, expected {shape} for {label}")
+
+
+def checked_pairs(groups: list[dict[str, Any]], state_dict: dict[str, Any],
+                  defaults: dict[str, Any]) -> list[tuple[Tensor, dict[str, Any]]]:
+    """Each parameter with its saved state, checked against it (``ValueError`` naming the
+    parameter); a group's spec is resolved from its saved values, as torch's loader restores them."""
+    saved_state = state_dict["state"]
+    pairs = []
+    for group, saved in zip(groups, state_dict["param_groups"]):
+        spec = resolve({**defaults, **saved})
+        for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            if pid in saved_state:
+                check_saved_state(spec, i, p, saved_state[pid], param_label(group, i, p))
+                pairs.append((p, saved_state[pid]))
+    return pairs

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import state_schema as S
+from . import tuning
 from .functional.numerics import rms_match_
 from .functional.rotation import shared_rotated_step
 from .layout import MatrixShape, oriented, unoriented
@@ -152,11 +154,19 @@ def compute_bucket(spec: GroupSpec, bucket: list[Unit], src: Sources) -> BucketR
         steps = [src.step[id(u.members[0].param)] for u in bucket]
         bias_correction = torch.tensor([1.0 - spec.f.beta2**t for t in steps], dtype=Ms[0].dtype,
                                        device=Ms[0].device).view(-1, 1, 1)
-    out = shared_rotated_step(
-        Ms, R, policy=spec.policy, f=spec.f, f_states=Vs, bias_correction=bias_correction,
-        estimator=spec.estimator, qr=spec.qr, refresh=spec.refreshes(src.step[id(first.members[0].param)]),
-        matmul_dtype=spec.matmul_dtype,
-    )
+    refresh = spec.refreshes(src.step[id(first.members[0].param)])
+    step = partial(shared_rotated_step, Ms, R, policy=spec.policy, f=spec.f, bias_correction=bias_correction,
+                   estimator=spec.estimator, refresh=refresh)
+    qr, matmul_dtype = spec.qr, spec.matmul_dtype
+    if qr == "auto" or matmul_dtype == "auto":
+        device = Ms[0].device
+        key = (device.type, str(Ms[0].dtype).removeprefix("torch."), tuple(Ms[0].shape[:2]),
+               tuple(M.shape[-1] for M in Ms), spec.policy, "refresh" if refresh else "reuse",
+               f"qr={qr}", f"matmul_dtype={matmul_dtype}")
+        qr, matmul_dtype = tuning.choose(
+            key, tuning.options(qr, matmul_dtype, device),
+            lambda q, d: step(f_states=[V.clone() for V in Vs] if Vs else None, qr=q, matmul_dtype=d), device)
+    out = step(f_states=Vs, qr=qr, matmul_dtype=matmul_dtype)
     updates = [U if spec.rms_target is None else rms_match_(U, spec.rms_target) for U in out.updates]
     produced = {S.UPDATE: updates, S.ROTATION: [out.rotation], S.EXP_AVG_SQ: Vs}
     values = [t for field in S.step_outputs(spec) for t in produced[field.key]]

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import state_schema as S
-from .checkpoint import check_grouping, check_saved_state, copy_state_value
+from . import state_schema as S, tuning
+from .checkpoint import check_grouping, checked_pairs, copy_state_value
 from .distributed.executor import Report, local, make_executor
 from .engine import Sources, plan_units
 from .functional.adamw import adamw_
 from .functional.numerics import apply_update_, finite_flags, nesterov
-from .spec import SPEC_KEYS, GroupSpec, SpecCache, resolve, resolve_checked
+from .spec import SPEC_KEYS, GroupSpec, SpecCache, resolve_checked
 from .validation import (index_of, is_named, name_group, param_label, stepping_params, validate_group_keys,
                          validate_hyperparameters, validate_param, validate_sharing)
 
@@ -72,8 +72,9 @@ class ARO(Optimizer):
             on ``(..., m, n)`` batches.
         rotation: policy, one of ``"aro"`` (default), ``"eigen"``, ``"eigen_exact"``,
             ``"polar"``, ``"identity"`` (see :mod:`aro.functional.rotation`).
-        qr: ``"householder"`` (default; exact and, on CPU, as fast as the alternative) or
-            ``"shifted_cholesky"`` (GEMM-based, for GPUs; falls back to Householder per matrix).
+        qr: ``"householder"`` (default), ``"shifted_cholesky"`` (GEMM-based; falls back to
+            Householder per matrix) or ``"auto"``: the faster of the two for each bucket shape,
+            timed on its first step (:mod:`aro.tuning`; the two agree to rounding).
         sinkhorn_iters: Sinkhorn iterations K (default 5, the paper's).
         sinkhorn_variant: ``"simultaneous"`` (default, as the paper writes it) or ``"alternating"``.
         nesterov: use the Nesterov momentum :math:`\tilde M_t` for rotation and update
@@ -96,7 +97,8 @@ class ARO(Optimizer):
             ``torch.bfloat16`` or ``torch.float16``: the products with :math:`R`
             (:math:`R^\top M`, the cross-Gram, :math:`R f(\cdot)`) run in that dtype, as Muon's
             Newton-Schulz does in bfloat16; f, the QR and the state stay float32 (see the
-            README's step-cost section). ``torch.float32`` is the same as ``None``.
+            README's step-cost section). ``torch.float32`` is the same as ``None``; ``"auto"``
+            times float32 against bfloat16 (where native) per bucket shape (:mod:`aro.tuning`).
         betas: AdamW path :math:`(\beta_1, \beta_2)` (default (0.9, 0.95), LLM practice);
             :math:`\beta_2` is also the Adam projection's.
         eps: AdamW path and Adam projection epsilon (default 1e-8).
@@ -357,9 +359,11 @@ class ARO(Optimizer):
         gradients), ``qr_per_step`` (rotations computed by this rank in the last step) and, when
         the work is split across ranks, ``rotation_cost_by_rank`` (last step's rotation FLOPs, up
         to a constant, assigned to each rank), ``bytes_sent_per_step`` (the optimizer's payload
-        this rank sent to others in the last step) and, for DTensor parameters,
-        ``bytes_floor_per_step`` (the least that step had to move, summed over all ranks)."""
-        out: dict[str, Any] = {"qr_fallbacks": 0, "degenerate_rotations": 0, "nonfinite_skips": 0}
+        this rank sent to others in the last step), for DTensor parameters ``bytes_floor_per_step``
+        (the least that step had to move, summed over all ranks) and ``auto_choices`` (the QR and
+        product precision ``"auto"`` chose per bucket shape, in this process)."""
+        out: dict[str, Any] = {"qr_fallbacks": 0, "degenerate_rotations": 0, "nonfinite_skips": 0,
+                               "auto_choices": tuning.choices()}
         for (name, _), value in self._counters.items():
             out[name] += int(value)
         out["qr_per_step"] = self._last_report.rotations
@@ -377,16 +381,8 @@ class ARO(Optimizer):
         given ``state_dict``, and float32 state of bf16 parameters stays float32 (torch's
         default loader would cast it to bf16).
         """
-        saved_groups = state_dict["param_groups"]
-        check_grouping(saved_groups, self.param_groups)
-        saved_state = state_dict["state"]
-        pairs: list[tuple[Tensor, dict[str, Any]]] = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            spec = resolve({**self.defaults, **saved})  # torch's loader gives the group the saved values
-            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                if pid in saved_state:
-                    check_saved_state(spec, i, p, saved_state[pid], param_label(group, i, p))
-                    pairs.append((p, saved_state[pid]))
+        check_grouping(state_dict["param_groups"], self.param_groups)
+        pairs = checked_pairs(self.param_groups, state_dict, self.defaults)
         super().load_state_dict(state_dict)
         for p, saved in pairs:
             self.state[p] = {k: copy_state_value(k, v, p) for k, v in saved.items()}

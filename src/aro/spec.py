@@ -59,7 +59,7 @@ class GroupSpec:
     orientation: str
     matrix_view: str
     rotation_every: int
-    matmul_dtype: torch.dtype | None
+    matmul_dtype: torch.dtype | str | None  # None: the state dtype; "auto": chosen by aro.tuning
     maximize: bool
     nonfinite: str
     betas: tuple[float, float]  # AdamW path

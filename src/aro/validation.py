@@ -149,7 +149,7 @@ def validate_hyperparameters(g: dict[str, Any]) -> None:
     if not callable(g["base"]):
         choice("base", base_names())
     choice("rotation", ROTATION_POLICIES)
-    choice("qr", QR_METHODS)
+    choice("qr", QR_METHODS + ("auto",))
     it = g["sinkhorn_iters"]
     if isinstance(it, bool) or not isinstance(it, int) or it < 1:
         raise ValueError(f"Invalid sinkhorn_iters: {it!r}; expected an integer >= 1")
@@ -171,8 +171,9 @@ def validate_hyperparameters(g: dict[str, Any]) -> None:
     choice("matrix_view", MATRIX_VIEWS)
     choice("estimator", ESTIMATORS)
     md = g.get("matmul_dtype")
-    if md is not None and md not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"Invalid matmul_dtype: {md!r}; expected None, torch.bfloat16, torch.float16 or torch.float32")
+    if md is not None and md != "auto" and md not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"Invalid matmul_dtype: {md!r}; expected None, torch.bfloat16, torch.float16, torch.float32 "
+                         "or 'auto'")
     k = g.get("rotation_every", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Invalid rotation_every: {k!r}; expected an integer >= 1 (1 = a new rotation every step)")

@@ -346,6 +346,8 @@ def _rotation_entries() -> list[OptimizerSpec]:
         _spec("aro-sinkhorn-scqr", "ARO-Sinkhorn with shifted Cholesky QR", qr="shifted_cholesky"),
         _spec("aro-sinkhorn-every4", "ARO-Sinkhorn, a new rotation every 4th step", rotation_every=4),
         _spec("aro-sinkhorn-bf16", "ARO-Sinkhorn with the products by R in bfloat16", matmul_dtype=torch.bfloat16),
+        _spec("aro-sinkhorn-auto", "ARO-Sinkhorn, QR and product precision chosen by timing per shape",
+              qr="auto", matmul_dtype="auto"),
         _spec("aro-sinkhorn-rows", "ARO-Sinkhorn rotating the rows (out side) of every matrix", orientation="rows"),
         _spec("polar-sinkhorn", "exact Procrustes (polar) rotation, Sinkhorn f", rotation="polar"),
         _spec("eigen-exact-sinkhorn", "exact eigenvectors of M M^T (eigh), Sinkhorn f", rotation="eigen_exact"),

@@ -39,12 +39,14 @@ from .optimizers import OPTIMIZERS, aro_flops, build_optimizers, muon_flops
 from .environment import environment_info
 from .options import check_options, option
 from .timing import time_interleaved, warm_allocator
+from .. import tuning
 from .files import atomic_write_text
 
 __all__ = ["StepbenchOptions", "aro_flops", "muon_flops", "run_stepbench"]
 
 # the optimizers whose whole training step is timed too (when given with --optimizers)
-TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-every4", "eigen-adam", "soap",
+TRAIN_OPTIMIZERS = ("adamw", "muon", "muon-fp32", "aro-sinkhorn", "aro-sinkhorn-auto", "aro-sinkhorn-bf16",
+                    "aro-sinkhorn-every4", "eigen-adam", "soap",
                     "normuon", "adamuon", "dion", "dion-rms")
 STANDARD_PRESET = "small"  # the model of `aro bench --preset standard`
 LR, WD = 1e-3, 0.1
@@ -314,6 +316,9 @@ def run_stepbench(options: StepbenchOptions, *, progress: Callable[[str], None] 
         progress(f"training step: {o.train_model}, {names}")
         result["train_step"] = bench_train_step(o.train_model, names, cases, batch_size=o.train_batch)
     result["targets"] = targets(result)
+    # what qr="auto" / matmul_dtype="auto" chose per bucket shape, and whether bfloat16 was a candidate
+    result["auto_choices"] = tuning.choices()
+    result["bf16_native"] = tuning.native_bf16(torch.device("cpu"))
     o.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(o.out, json.dumps(result, indent=1))
     plot_stepbench(result, o.out.with_suffix(".png"))

@@ -201,6 +201,8 @@ def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) 
                 if isinstance(v, list):  # per-rank values: add rank by rank
                     old = stats.get(k, [0] * len(v))
                     stats[k] = [a + b for a, b in zip(old, v)]
+                elif isinstance(v, dict):  # descriptions (auto_choices): merged
+                    stats[k] = {**stats.get(k, {}), **v}
                 else:
                     stats[k] = stats.get(k, 0) + v
     return {
