@@ -107,12 +107,13 @@ class ARO(Optimizer):
             (default; its step is skipped, its state untouched, counted in :meth:`stats`,
             one warning) or ``"raise"`` (``FloatingPointError`` naming the parameter).
         differentiable: not supported; must be False.
-        process_group: ``None`` (default), a ``ProcessGroup`` or a 1-D ``DeviceMesh``. With
+        process_group: ``None`` (default), a ``ProcessGroup`` or a ``DeviceMesh``. With
             replicated parameters (DDP) a group splits the rotation work across its ranks
             (see :mod:`aro.distributed.replicated`); without one every rank computes
-            everything. DTensor parameters (FSDP2 ``fully_shard``) are detected by themselves
-            and use their mesh (see :mod:`aro.distributed.sharded`). The library never calls
-            ``init_process_group``.
+            everything. DTensor parameters of any placement (FSDP2, tensor parallel, 2-D
+            meshes; regular tensors may sit beside them) are detected by themselves and share
+            the work over the ranks of their meshes (see :mod:`aro.distributed.sharded`). The
+            library never calls ``init_process_group``.
 
     State (per parameter, declared in :mod:`aro.state_schema`): ``step``,
     ``momentum_buffer``, ``rotation``, ``orientation``, ``exp_avg_sq`` (Adam projection) on

@@ -108,6 +108,8 @@ class Sharded(SingleProcess):
     def run(self, spec: GroupSpec, units: list[Unit], src: Sources, count: Count) -> Report:
         """Updates are this rank's pieces; the new state pieces are written into ``src``'s tensors."""
         items = _items(units)
+        if not items:  # every rank has the same parameters, so none makes a collective call
+            return Report({}, 0, [0.0] * len(self.ranks))
         views = [_views(spec, item, src) for item in items]
         layouts = [[pieces(v.tensor, v.expert, self.ranks, self._slices.get(id(v.param))) for v in vs] for vs in views]
         rank_of, loads = plan_work(items, len(self.ranks), [_holding_all(vs, ls) for vs, ls in zip(views, layouts)])
@@ -118,14 +120,14 @@ class Sharded(SingleProcess):
         results, rotations = self._compute(spec, [items[k] for k in mine], [views[k] for k in mine],
                                            [wholes[k] for k in mine], src, count)
         results_of = dict(zip(mine, results))
-        sent_out = self._return(views, layouts, rank_of, results_of, dtypes, device)
+        sent_out, received = self._return(views, layouts, rank_of, results_of, dtypes, device)
         updates = {}
         for vs in views:
             for v in vs:
                 if v.key == S.MOMENTUM and id(v.param) not in updates:
                     updates[id(v.param)] = torch.empty_like(local(v.tensor))
-        self._write_back(views, layouts, rank_of, results_of, sent_out[1], updates)
-        return Report(updates, rotations, loads, sent_in + sent_out[0], _floor_bytes(views, layouts, len(self.ranks)))
+        self._write_back(views, layouts, rank_of, results_of, received, updates)
+        return Report(updates, rotations, loads, sent_in + sent_out, _floor_bytes(views, layouts, len(self.ranks)))
 
     def _gather(self, views: list[list[_View]], layouts: list[list[tuple[Piece, ...]]], rank_of: list[int],
                 dtypes: list[torch.dtype], device: torch.device) -> tuple[dict[int, list[Tensor]], int]:

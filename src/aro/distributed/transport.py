@@ -50,7 +50,7 @@ def exchange(outgoing: list[list[Tensor]], incoming: list[list[tuple[Shape, torc
     if outgoing[rank] or incoming[rank]:
         raise ValueError("exchange: a rank does not send to itself; keep its own tensors local")
     received: list[list[Tensor]] = [[] for _ in range(world)]
-    cursors = {}
+    by_dtype = {}
     sent = 0
     for dtype in dtypes:
         send = [[t.reshape(-1) for t in outgoing[r] if t.dtype == dtype] for r in range(world)]
@@ -60,12 +60,12 @@ def exchange(outgoing: list[list[Tensor]], incoming: list[list[tuple[Shape, torc
         recv = torch.empty(sum(out_sizes), dtype=dtype, device=device)
         dist.all_to_all_single(recv, flat, out_sizes, in_sizes, group=group)
         sent += flat.numel() * flat.element_size()
-        cursors[dtype] = list(recv.split(out_sizes))
+        by_dtype[dtype] = list(recv.split(out_sizes))
     offsets = {(r, dtype): 0 for r in range(world) for dtype in dtypes}
     for r in range(world):
         for shape, dtype in incoming[r]:
             n, at = _numel(shape), offsets[(r, dtype)]
-            received[r].append(cursors[dtype][r][at : at + n].view(shape))
+            received[r].append(by_dtype[dtype][r][at : at + n].view(shape))
             offsets[(r, dtype)] = at + n
     return received, sent
 
