@@ -258,7 +258,9 @@ def _spec(name: str, description: str, mode: str = "hybrid", sharing: str = "non
     return OptimizerSpec(
         name, description, _aro(mode, sharing, **options), flops, scope="hidden" if mode == "hybrid" else "matrices",
         build_matrix=_aro_matrix(**options) if sharing == "none" else None, steps_per_call=every,
-        products_dtype=options.get("matmul_dtype", torch.float32), hyperparameters=dict(ADAMW_HYPERPARAMETERS),
+        # "auto" picks bfloat16 only where it is native: never the slow emulation the dtype warns of
+        products_dtype=md if isinstance(md := options.get("matmul_dtype"), torch.dtype) else torch.float32,
+        hyperparameters=dict(ADAMW_HYPERPARAMETERS),
         aro_options={"mode": mode, "sharing": sharing, **options},
     )
 
