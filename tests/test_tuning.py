@@ -41,6 +41,7 @@ def test_options_offer_bfloat16_only_where_native_and_asked_for():
     with mock.patch.object(tuning, "native_bf16", return_value=True):
         assert ("householder", torch.bfloat16) in tuning.options("householder", "auto", cpu)
         assert tuning.options("householder", None, cpu) == [("householder", None)]  # pinned: nothing to time
+        assert tuning.options("householder", "auto", cpu, torch.float64) == [("householder", None)]
 
 
 def _step(**kw):

@@ -164,7 +164,7 @@ def compute_bucket(spec: GroupSpec, bucket: list[Unit], src: Sources) -> BucketR
                tuple(M.shape[-1] for M in Ms), spec.policy, "refresh" if refresh else "reuse",
                f"qr={qr}", f"matmul_dtype={matmul_dtype}")
         qr, matmul_dtype = tuning.choose(
-            key, tuning.options(qr, matmul_dtype, device),
+            key, tuning.options(qr, matmul_dtype, device, Ms[0].dtype),
             lambda q, d: step(f_states=[V.clone() for V in Vs] if Vs else None, qr=q, matmul_dtype=d), device)
     out = step(f_states=Vs, qr=qr, matmul_dtype=matmul_dtype)
     updates = [U if spec.rms_target is None else rms_match_(U, spec.rms_target) for U in out.updates]

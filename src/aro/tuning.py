@@ -55,11 +55,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def options(qr: str, matmul_dtype: "torch.dtype | str | None", device: torch.device) -> list[Choice]:
-    """The (qr, matmul dtype) combinations to time for a group's settings (one if both are pinned)."""
+def options(qr: str, matmul_dtype: "torch.dtype | str | None", device: torch.device,
+            dtype: torch.dtype = torch.float32) -> list[Choice]:
+    """The (qr, matmul dtype) combinations to time for a group's settings (one if both are
+    pinned). bfloat16 products are offered for float32 state only: float64 state asks for
+    float64 accuracy."""
     qrs = ["householder", "shifted_cholesky"] if qr == "auto" else [qr]
     if matmul_dtype == "auto":
-        dtypes = [None, torch.bfloat16] if native_bf16(device) else [None]
+        dtypes = [None, torch.bfloat16] if native_bf16(device) and dtype == torch.float32 else [None]
     else:
         dtypes = [matmul_dtype]
     return [(q, d) for q in qrs for d in dtypes]
