@@ -37,7 +37,9 @@ def llama3_debug(layers: int = 2, dtype: torch.dtype = torch.float32) -> torch.n
     return model.to(dtype)
 
 
-def train(model, opt, steps: int, start: int = 0) -> list[float]:
+def train(model, opt, steps: int, start: int = 0, weight: float = 1.0) -> list[float]:
+    """Steps ``start .. start + steps`` on fixed random tokens; the losses (the gradient is that
+    of ``weight`` x the loss, for the data-parallel workers)."""
     losses = []
     for step in range(start, start + steps):
         g = torch.Generator().manual_seed(step)
@@ -47,7 +49,7 @@ def train(model, opt, steps: int, start: int = 0) -> list[float]:
         logits = model(x, positions=positions, attention_masks=None)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         opt.zero_grad()
-        loss.backward()
+        (loss * weight).backward()
         opt.step()
         losses.append(loss.item())
     return losses
@@ -120,7 +122,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         model = build()
         opt = aro_optimizer_config(lr=2e-3).build(model_parts=[model])
         weight = 2.0 if rank == 0 else 0.0  # FSDP averages: rank 0 carries 2x the loss, rank 1 exact zeros
-        _train_weighted(model, opt, 2, 0, weight)
+        train(model, opt, 2, 0, weight)
         dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=f"{out}/dcp")
         resumed = build()
         opt2 = aro_optimizer_config(lr=2e-3).build(model_parts=[resumed])
@@ -128,26 +130,13 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         dcp.load(state, checkpoint_id=f"{out}/dcp")
         resumed.load_state_dict(state["model"])
         opt2.load_state_dict(state["optimizer"])
-        _train_weighted(resumed, opt2, 1, 2, weight)
+        train(resumed, opt2, 1, 2, weight)
         full = {n: p.full_tensor() for n, p in resumed.named_parameters()}
         if rank == 0:
             torch.save(full, f"{out}/fsdp.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _train_weighted(model, opt, steps: int, start: int, weight: float) -> None:
-    for step in range(start, start + steps):
-        g = torch.Generator().manual_seed(step)
-        tokens = torch.randint(0, 2048, (2, 33), generator=g)
-        x = tokens[:, :-1]
-        positions = torch.arange(x.shape[1]).expand_as(x).contiguous()
-        logits = model(x, positions=positions, attention_masks=None)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad()
-        (loss * weight).backward()
-        opt.step()
 
 
 def test_fsdp2_on_two_ranks_with_a_dcp_checkpoint_equals_one_process(tmp_path):
