@@ -27,7 +27,7 @@ from . import state_schema as S
 from . import tuning
 from .functional.numerics import rms_match_
 from .functional.rotation import shared_rotated_step
-from .layout import MatrixShape, oriented, unoriented
+from .layout import MatrixShape, oriented_matrix, unoriented, unoriented_matrix
 from .spec import GroupSpec
 
 __all__ = ["BucketResult", "Count", "Member", "Sources", "Unit", "apply_bucket", "assemble_updates", "bucketize",
@@ -108,8 +108,7 @@ def _slots(spec: GroupSpec, unit: Unit) -> list[tuple[S.Field, int]]:
 def _view(src: Sources, field: S.Field, unit: Unit, member: Member) -> Tensor:
     """The matrix of ``field`` for one member (or one unit) inside the tensors of ``src``."""
     if field.frame == "parameter":
-        X = oriented(src.tensors[(field.key, id(member.param))], member.shape)
-        return X[0] if member.expert is None else X[member.expert]
+        return oriented_matrix(src.tensors[(field.key, id(member.param))], member.shape, member.expert)
     if field.held_by == "holder":
         t, expert = src.tensors[(field.key, id(unit.holder))], unit.expert
     else:
@@ -192,12 +191,12 @@ def assemble_updates(units: list[Unit], pieces: dict[int, list[tuple[int | None,
             pid = id(member.param)
             if pid in updates:
                 continue
-            parts = pieces[pid]
+            parts, shape = pieces[pid], tuple(member.param.shape)
             if parts[0][0] is None:
-                X = parts[0][1].unsqueeze(0)
+                updates[pid] = unoriented_matrix(parts[0][1], member.shape, shape)
             else:
                 X = torch.stack([t for _, t in sorted(parts, key=lambda et: et[0])])
-            updates[pid] = unoriented(X, member.shape, tuple(member.param.shape))
+                updates[pid] = unoriented(X, member.shape, shape)
     return updates
 
 

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-__all__ = ["MATRIX_VIEWS", "ORIENTATIONS", "MatrixShape", "matrix_shape", "oriented", "unoriented"]
+__all__ = ["MATRIX_VIEWS", "ORIENTATIONS", "MatrixShape", "matrix_shape", "oriented", "oriented_matrix", "unoriented",
+           "unoriented_matrix"]
 
 ORIENTATIONS = ("auto", "rows", "cols")
 MATRIX_VIEWS = ("auto", "flatten")
@@ -71,3 +72,21 @@ def oriented(t: Tensor, ms: MatrixShape) -> Tensor:
 def unoriented(X: Tensor, ms: MatrixShape, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`oriented`: ``(count, m, n)`` back to the parameter's ``shape``."""
     return (X.mT if ms.transposed else X).reshape(shape)
+
+
+def oriented_matrix(t: Tensor, ms: MatrixShape, index: int | None) -> Tensor:
+    """Matrix ``index`` of :func:`oriented` (``None``: the only one), ``(m, n)``.
+
+    A 2-D parameter is viewed directly (at most a transpose): the step views every member's
+    tensors this way, and the general reshape-and-select costs two more dispatches each."""
+    if index is None and t.ndim == 2:
+        return t.mT if ms.transposed else t
+    X = oriented(t, ms)
+    return X[0] if index is None else X[index]
+
+
+def unoriented_matrix(U: Tensor, ms: MatrixShape, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`oriented_matrix` for a parameter of ``shape`` that is one matrix."""
+    if len(shape) == 2:
+        return U.mT if ms.transposed else U
+    return unoriented(U.unsqueeze(0), ms, shape)

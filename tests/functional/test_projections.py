@@ -182,3 +182,41 @@ def test_make_projection_returns_diagonal_scalings_for_sinkhorn_and_row_norm():
         assert isinstance(f, DiagonalScaling)
         torch.testing.assert_close(f(X), plain(X), rtol=1e-12, atol=1e-12)
     assert not isinstance(make_projection("sign"), DiagonalScaling)
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "row_norm"])  # row_norm has no bounded variant: the same
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bounded_scalings_equal_the_guarded_ones_on_the_rotated_steps_inputs(name, dtype):
+    """The step calls ``of_bounded`` on R^T M with M divided by its largest entry: entries of any
+    size down to 1/sqrt(mn) of the largest, rows of pure rounding noise, zero matrices."""
+    from aro.functional.numerics import unit_scale
+    from aro.functional.projections import apply_scalings
+    from aro.functional.qr import householder_qr
+
+    g = torch.Generator().manual_seed(3)
+    f = make_projection(name)
+    M = torch.randn(5, 16, 40, generator=g, dtype=torch.float64)
+    M[1] *= 1e-30  # scale does not matter after unit_scale
+    M[2] = torch.zeros(16, 40, dtype=torch.float64)
+    M[2, 0, 0] = 1.0  # one entry: Z's largest entry is far below 1
+    M[3, :, :] = M[3, :1, :] * torch.linspace(1, 2, 16, dtype=torch.float64)[:, None]  # rank 1: noise rows
+    M[4] = 0.0
+    R = householder_qr(torch.randn(5, 16, 16, generator=g, dtype=torch.float64))
+    Z = (R.mT @ unit_scale(M)).to(dtype)
+    assert float(Z.abs().max()) <= 16**0.5
+    bounded, guarded = apply_scalings(Z, f.of_bounded(Z)), apply_scalings(Z, f.scalings(Z))
+    # (a, b) themselves may differ by a factor c and 1/c (odd Sinkhorn iterations carry the scale of
+    # the squares); D_a Z D_b, all the step uses, does not
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bounded, guarded, **tol)
+    torch.testing.assert_close(rms(bounded[:4]), torch.ones(4, dtype=dtype), **tol)
+    assert torch.equal(bounded[4], torch.zeros(16, 40, dtype=dtype))
+
+
+def test_a_diagonal_scaling_without_a_bounded_variant_uses_its_scalings():
+    from aro.functional.projections import DiagonalScaling, sinkhorn_scalings
+
+    X = torch.randn(3, 6, 8, dtype=torch.float64)
+    f = DiagonalScaling(sinkhorn_scalings)  # made by hand, as a user may
+    assert f.of_bounded is not None and all(torch.equal(u, v) for u, v in zip(f.of_bounded(X), sinkhorn_scalings(X)))
+    torch.testing.assert_close(f(X), sinkhorn(X), rtol=1e-12, atol=1e-12)

@@ -79,10 +79,18 @@ class DiagonalScaling:
     """
 
     scalings: Callable[[Tensor], Scalings]
+    # the same vectors for an X known to be bounded (entries at most sqrt(max(m, n)), as
+    # R^T M is for M divided by its largest entry): skips dividing X by its largest entry,
+    # two reductions and a full pass per call (None: ``scalings``)
+    bounded_scalings: Callable[[Tensor], Scalings] | None = None
 
     def __call__(self, X: Tensor) -> Tensor:
         X = unit_scale(X)  # so that no scaling overflows, whatever the scale of X
-        return apply_scalings(X, self.scalings(X))
+        return apply_scalings(X, self.of_bounded(X))
+
+    def of_bounded(self, X: Tensor) -> Scalings:
+        r"""``(a, b)`` of an ``X`` whose entries are at most :math:`\sqrt{\max(m, n)}` in magnitude."""
+        return (self.bounded_scalings or self.scalings)(X)
 
 
 def identity(X: Tensor) -> Tensor:
@@ -118,10 +126,11 @@ def row_norm(X: Tensor, *, eps: float = 1e-8) -> Tensor:
 
 
 def row_norm_scalings(X: Tensor, *, eps: float = 1e-8) -> Scalings:
-    r"""The diagonal scalings of :func:`row_norm`: :math:`f(X) = D_a X`, ``b`` all ones."""
-    inv = inverse_amax(X)
+    r"""The diagonal scalings of :func:`row_norm`: :math:`f(X) = D_a X`, ``b`` all ones.
+
+    Always divides ``X`` by its largest entry first: ``eps`` is relative to it."""
+    inv, S = _scaled_squares(X, bounded=False)
     m, n = X.shape[-2], X.shape[-1]
-    S = (X * inv).square_()
     row_keep = _signal_masks(S, m, n)[0]
     r2 = S.sum(dim=-1)
     row_keep = row_keep & (r2 > eps * eps)
@@ -131,6 +140,21 @@ def row_norm_scalings(X: Tensor, *, eps: float = 1e-8) -> Scalings:
     a = torch.where(row_keep, math.sqrt(n) / torch.where(row_keep, r2, 1.0).sqrt(), 0.0)
     a = a * (inv.squeeze(-1) / torch.where(rms > 0, rms, 1.0))
     return Scalings(a, torch.ones(X.shape[:-2] + (n,), dtype=X.dtype, device=X.device))
+
+
+def _scaled_squares(X: Tensor, bounded: bool) -> tuple[Tensor, Tensor]:
+    r"""``(inv, S)``: :math:`S = (\mathrm{inv}\,X)\odot(\mathrm{inv}\,X)` with ``inv`` = 1 / the
+    largest entry of each matrix (``(..., 1, 1)``), or ``inv = 1`` for a ``bounded`` ``X``.
+
+    Bounded means :math:`|X_{ij}| \le \sqrt{\max(m,n)}` with a largest row of squared norm at
+    least :math:`1/m`, as :math:`R^\top M` is for :math:`M` divided by its largest entry (its
+    Frobenius norm is at least 1): the squares cannot overflow, and a row that carries signal
+    (:func:`_signal_masks`: above :math:`\tau^2` times the largest) stays far above the
+    :math:`\epsilon^2` floor of Sinkhorn's first products, which is all the division guards."""
+    if bounded:
+        return torch.ones((1,) * X.ndim, dtype=X.dtype, device=X.device), torch.square(X)
+    inv = inverse_amax(X)
+    return inv, (X * inv).square_()
 
 
 def sinkhorn(
@@ -159,7 +183,8 @@ def sinkhorn(
         variant: ``"simultaneous"`` or ``"alternating"``.
         eps: norm floor (relative to the largest entry of ``X``).
     """
-    return DiagonalScaling(partial(sinkhorn_scalings, num_iters=num_iters, variant=variant, eps=eps))(X)
+    scalings = partial(sinkhorn_scalings, num_iters=num_iters, variant=variant, eps=eps)
+    return DiagonalScaling(scalings, partial(scalings, bounded=True))(X)
 
 
 def sinkhorn_scalings(
@@ -168,6 +193,7 @@ def sinkhorn_scalings(
     num_iters: int = 5,
     variant: str = "simultaneous",
     eps: float = 1e-8,
+    bounded: bool = False,
 ) -> Scalings:
     r"""The diagonal scalings ``(a, b)`` of :func:`sinkhorn`: :math:`f(X) = D_a X D_b`, RMS 1.
 
@@ -185,6 +211,11 @@ def sinkhorn_scalings(
     its largest entry, which ``a`` absorbs), so nothing overflows, and rows or columns that are
     only rounding noise (see :func:`_signal_masks`) get a zero scaling.
 
+    ``bounded``: the caller guarantees :math:`|X_{ij}| \le \sqrt{\max(m, n)}` (the rotated step's
+    :math:`R^\top M` for :math:`M` divided by its largest entry; see :func:`_scaled_squares`),
+    so the division by the largest entry is skipped: :math:`D_a X D_b` differs by rounding only
+    (``a`` and ``b`` themselves may differ by reciprocal factors).
+
     Returns:
         :class:`Scalings` ``(a, b)`` of shapes ``(..., m)`` and ``(..., n)``, relative to ``X``
         itself (``a`` includes :math:`1/\max_{ij}|X_{ij}|` and the RMS normalization).
@@ -193,8 +224,7 @@ def sinkhorn_scalings(
         raise ValueError(f"Invalid sinkhorn variant: {variant!r}; expected one of {SINKHORN_VARIANTS}")
     lead, (m, n) = X.shape[:-2], X.shape[-2:]
     X = X.reshape(-1, m, n)  # one batch dimension, so that the products below are plain bmm
-    inv = inverse_amax(X)
-    S = (X * inv).square_()
+    inv, S = _scaled_squares(X, bounded)
     floor = eps * eps
     row_keep, col_keep = _signal_masks(S, m, n)
     # vectors are kept as rows, u (B, 1, m) and v (B, 1, n), so that every product below is a
@@ -330,7 +360,8 @@ def make_projection(
     if base == "sinkhorn":
         if sinkhorn_variant not in SINKHORN_VARIANTS:
             raise ValueError(f"Invalid sinkhorn variant: {sinkhorn_variant!r}; expected one of {SINKHORN_VARIANTS}")
-        return DiagonalScaling(partial(sinkhorn_scalings, num_iters=sinkhorn_iters, variant=sinkhorn_variant))
+        scalings = partial(sinkhorn_scalings, num_iters=sinkhorn_iters, variant=sinkhorn_variant)
+        return DiagonalScaling(scalings, partial(scalings, bounded=True))
     if base == "row_norm":
         return DiagonalScaling(row_norm_scalings)
     if base in STATELESS_PROJECTIONS:

@@ -136,7 +136,7 @@ def cross_gram(
         if isinstance(f, DiagonalScaling):
             # M f(Z)^T = M (D_a Z D_b)^T = M (Z D_b)^T D_a: the scalings enter the products
             Z = mm(R.mT, Mj, matmul_dtype)
-            a, b = f.scalings(Z)
+            a, b = f.of_bounded(Z)  # Z = R^T M with M divided by its largest entry
             Aj = mm(Mj, Z.mul_(b.unsqueeze(-2)).mT, matmul_dtype).mul_(a.unsqueeze(-2))
         else:  # f (the Adam projection's state) sees the unscaled rotated momentum
             Aj = mm(Mj, lookahead(f, mm(R.mT, M, matmul_dtype), s, bias_correction).mT, matmul_dtype)
@@ -211,7 +211,7 @@ def rotated_update(
         return project_(f, M, f_state, bias_correction)
     if isinstance(f, DiagonalScaling):
         Z = mm(R.mT, M if prescaled else _common_scale([M])[0], matmul_dtype)
-        a, b = f.scalings(Z)
+        a, b = f.of_bounded(Z)  # Z = R^T M with M divided by its largest entry
         return mm(R * a.unsqueeze(-2), Z, matmul_dtype).mul_(b.unsqueeze(-2))
     return mm(R, project_(f, mm(R.mT, M, matmul_dtype), f_state, bias_correction), matmul_dtype)
 
