@@ -10,7 +10,11 @@ hits both alike. Each process warms up, then reports the median of ``--steps`` t
 ``opt.step()`` on fixed random gradients of a bench preset (and, with ``--train``, of a whole
 training step). The result is the median over rounds per revision and their ratio.
 ``--head`` defaults to the working tree. Each process starts with a cold allocator (fresh
-pages for the step's temporaries; see :mod:`aro.bench.timing`), the same for both revisions.
+pages for the step's temporaries; see :mod:`aro.bench.timing`), the same for both revisions;
+whether a process's first large frees raise glibc's thresholds varies between processes, which
+makes the optimizer step bimodal (about 16 or 20 ms on `small`, 2026-12 Zen 5). ``--warm``
+frees one 24 MiB block before timing in every process (as ``aro stepbench`` does), which
+removes that mode: use it to resolve changes of a few percent.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import json, statistics, sys, time
 import torch
 from aro.bench.models import PRESETS, build_model
 from aro.bench.optimizers import build_optimizers
-name, preset, steps, train = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+name, preset, steps, train, warm = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1"
+if warm:  # as aro.bench.timing.warm_allocator (kept inline: old revisions may lack it)
+    block = torch.empty(6 * 2**20, dtype=torch.float32); block.fill_(0.0); del block
 model = build_model(preset, seed=0)
 opts = build_optimizers(name, model, 1e-3, 0.1)
 g = torch.Generator().manual_seed(1)
@@ -60,10 +66,11 @@ print(json.dumps(out))
 """
 
 
-def _run(src: Path, name: str, preset: str, steps: int, train: bool) -> dict:
+def _run(src: Path, name: str, preset: str, steps: int, train: bool, warm: bool) -> dict:
     env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "", "MPLBACKEND": "Agg"}
     env = {k: v for k, v in env.items() if v}
-    out = subprocess.run([sys.executable, "-c", SNIPPET, name, preset, str(steps), "1" if train else "0"],
+    out = subprocess.run([sys.executable, "-c", SNIPPET, name, preset, str(steps), "1" if train else "0",
+                          "1" if warm else "0"],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -77,6 +84,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--train", action="store_true", help="also time the whole training step")
+    ap.add_argument("--warm", action="store_true", help="free a 24 MiB block before timing (see the docstring)")
     ap.add_argument("--out", default="benchmarks/results/step-before-after.json")
     args = ap.parse_args()
 
@@ -95,12 +103,12 @@ def main() -> None:
             trees[label] = (path / "src", sha(rev))
         try:
             result = {"base": trees["base"][1], "head": trees["head"][1], "preset": args.preset,
-                      "rounds": args.rounds, "steps": args.steps, "optimizers": {}}
+                      "rounds": args.rounds, "steps": args.steps, "warm": args.warm, "optimizers": {}}
             for name in [n.strip() for n in args.optimizers.split(",") if n.strip()]:
                 per = {"base": [], "head": []}
                 for _ in range(args.rounds):
                     for label in ("base", "head"):
-                        per[label].append(_run(trees[label][0], name, args.preset, args.steps, args.train))
+                        per[label].append(_run(trees[label][0], name, args.preset, args.steps, args.train, args.warm))
                 row: dict = {}
                 files = {label: per[label][0].pop("aro_file") for label in per}
                 for r in per["base"] + per["head"]:

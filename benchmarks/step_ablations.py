@@ -18,6 +18,8 @@ differs from ``default`` in one thing:
 * ``every4``             -- a new rotation every 4th step (``rotation_every=4``), timed over
   four steps per call (its amortized cost);
 * ``bf16_products``      -- the products by R in bfloat16 (``matmul_dtype=torch.bfloat16``);
+* ``qr_one_thread``      -- the Householder QR on one intra-op thread (the thread count set
+  around each factorization and restored after it), everything else on the process's threads;
 * ``compiled``           -- (``--compile``) the pure rotated step under ``torch.compile``.
 
 A second table (``pieces``) splits the default step: for every bucket of same-shape matrices
@@ -25,11 +27,15 @@ of the preset it times, interleaved, the four matrix products, the two Sinkhorn 
 orthonormalization (QR) and the whole rotated step, and sums them over the buckets; what is
 left of the optimizer step is the elementwise work around them (momentum, RMS matching,
 the parameter update, the AdamW path) and Python.
+
+A third table (``qr_threads``) times the batched Householder QR of square matrices alone on
+the process's intra-op threads and on one thread, for batches of the sizes a model's buckets have.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from functools import partial
@@ -44,7 +50,9 @@ from aro.bench.models import build_model
 from aro.bench.environment import environment_info
 from aro.bench.timing import time_interleaved, warm_allocator
 from aro.functional import projections
+from aro.functional import qr as qr_module
 from aro.functional.projections import sinkhorn
+from aro.functional.qr import householder_qr
 
 
 def _previous_sinkhorn(X, *, num_iters=5, eps=1e-8):
@@ -92,13 +100,42 @@ def pieces(preset: str, repeats: int) -> dict[str, float]:
         A = cross_gram([M], R, policy="aro", f=f)
         cases = {
             "products (4)": lambda: [torch.bmm(R.mT, Ms) for _ in range(4)],
-            "sinkhorn scalings (2)": lambda: [f.scalings(Z) for _ in range(2)],
+            "sinkhorn scalings (2)": lambda: [f.of_bounded(Z) for _ in range(2)],
             "orthonormalize (QR)": lambda: orthonormalize(A, R),
             "rotated step": lambda: shared_rotated_step([M], R, policy="aro", f=f),
         }
         for k, t in time_interleaved(cases, warmup=3, repeats=repeats, budget_s=30.0).items():
             total[k] = total.get(k, 0.0) + t["ms"]
     return total
+
+
+@contextlib.contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _householder_qr_one_thread(A):
+    with _one_thread():
+        return householder_qr(A)
+
+
+def qr_threads(repeats: int) -> dict[str, dict[str, float]]:
+    """Milliseconds of a batched Householder QR on the process's threads and on one thread."""
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for batch, d in [(16, 128), (8, 128), (4, 256), (2, 512), (1, 1024)]:
+        A = torch.randn(batch, d, d, generator=g)
+
+        cases = {f"{torch.get_num_threads()} threads": lambda A=A: householder_qr(A),
+                 "1 thread": lambda A=A: _householder_qr_one_thread(A)}
+        out[f"{batch} x {d}x{d}"] = {k: t["ms"] for k, t in time_interleaved(cases, warmup=3, repeats=repeats,
+                                                                             budget_s=20.0).items()}
+    return out
 
 
 def main() -> None:
@@ -117,11 +154,17 @@ def main() -> None:
         "previous_sinkhorn": aro.ARO(_matrices(args.preset, 1), lr=1e-3, base=_previous_sinkhorn),
         "every4": aro.ARO(_matrices(args.preset, 1), lr=1e-3, rotation_every=4),
         "bf16_products": aro.ARO(_matrices(args.preset, 1), lr=1e-3, matmul_dtype=torch.bfloat16),
+        "qr_one_thread": aro.ARO(_matrices(args.preset, 1), lr=1e-3),
     }
     per_matrix = [aro.ARO([p], lr=1e-3) for p in _matrices(args.preset, 1)]
     steps = {k: o.step for k, o in opts.items()}
     steps["every4"] = lambda: [opts["every4"].step() for _ in range(4)]
     steps["per_matrix"] = lambda: [o.step() for o in per_matrix]
+    def qr_one_thread_step():
+        with mock.patch.object(qr_module, "householder_qr", _householder_qr_one_thread):
+            opts["qr_one_thread"].step()
+
+    steps["qr_one_thread"] = qr_one_thread_step
     compile_s = None
     if args.compile:
         compiled_opt = aro.ARO(_matrices(args.preset, 1), lr=1e-3)
@@ -142,7 +185,7 @@ def main() -> None:
               "optimizer_step_ms": {k: t["ms"] for k, t in timings.items()},
               "ratio_vs_default": {k: t["ms"] / base for k, t in timings.items()},
               "faults_per_step": {k: t["faults"] for k, t in timings.items()},
-              "pieces": pieces(args.preset, args.repeats)}
+              "pieces": pieces(args.preset, args.repeats), "qr_threads": qr_threads(args.repeats)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     for k, t in timings.items():
@@ -150,6 +193,7 @@ def main() -> None:
     if compile_s is not None:
         print(f"(torch.compile: first step {compile_s:.0f} s)")
     print("pieces of the default step, summed over buckets:", {k: round(v, 2) for k, v in result["pieces"].items()})
+    print("batched Householder QR (ms):", {k: {c: round(v, 2) for c, v in r.items()} for k, r in result["qr_threads"].items()})
 
 
 if __name__ == "__main__":
