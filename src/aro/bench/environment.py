@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..tuning import native_bf16
+
 __all__ = ["environment_info"]
 
 
@@ -59,5 +61,6 @@ def environment_info() -> dict[str, Any]:
         "cpu": cpu.pop("name"),
         "cpu_details": cpu,
         "threads": torch.get_num_threads(),
+        "bf16_native": native_bf16(torch.device("cpu")),  # whether bfloat16 products run at full speed here
         "platform": platform.platform(),
     }
