@@ -184,7 +184,7 @@ def test_make_projection_returns_diagonal_scalings_for_sinkhorn_and_row_norm():
     assert not isinstance(make_projection("sign"), DiagonalScaling)
 
 
-@pytest.mark.parametrize("name", ["sinkhorn", "row_norm"])  # row_norm has no bounded variant: the same
+@pytest.mark.parametrize("name", ["sinkhorn"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_bounded_scalings_equal_the_guarded_ones_on_the_rotated_steps_inputs(name, dtype):
     """The step calls ``of_bounded`` on R^T M with M divided by its largest entry: entries of any
@@ -218,5 +218,30 @@ def test_a_diagonal_scaling_without_a_bounded_variant_uses_its_scalings():
 
     X = torch.randn(3, 6, 8, dtype=torch.float64)
     f = DiagonalScaling(sinkhorn_scalings)  # made by hand, as a user may
-    assert f.of_bounded is not None and all(torch.equal(u, v) for u, v in zip(f.of_bounded(X), sinkhorn_scalings(X)))
+    assert f.bounded_scalings is None
+    assert all(torch.equal(u, v) for u, v in zip(f.of_bounded(X), sinkhorn_scalings(X)))
     torch.testing.assert_close(f(X), sinkhorn(X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["sum", "stack"])
+@pytest.mark.parametrize("ratio", [1e-8, 1e-22])
+def test_a_small_member_of_a_shared_rotation_gets_the_update_of_the_guarded_scalings(estimator, ratio):
+    """Members of a shared rotation are divided by one common factor, so a member many orders
+    smaller than another is not bounded: its Sinkhorn must divide by its own largest entry (the
+    bounded shortcut would underflow its squares or hit the eps floor)."""
+    from aro.functional.projections import DiagonalScaling
+    from aro.functional.qr import householder_qr
+    from aro.functional.rotation import shared_rotated_step
+
+    g = torch.Generator().manual_seed(5)
+    M1 = torch.randn(2, 32, 64, generator=g)
+    M2 = torch.randn(2, 32, 48, generator=g) * ratio
+    R = householder_qr(torch.randn(2, 32, 32, generator=g))
+    f = make_projection("sinkhorn")
+    guarded = DiagonalScaling(f.scalings)  # no bounded variant: every Z divided by its own largest entry
+    got = shared_rotated_step([M1, M2], R, f=f, estimator=estimator)
+    want = shared_rotated_step([M1, M2], R, f=guarded, estimator=estimator)
+    torch.testing.assert_close(got.rotation, want.rotation, rtol=1e-4, atol=1e-5)
+    for U, V in zip(got.updates, want.updates):
+        torch.testing.assert_close(U, V, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rms(U), torch.ones(2), rtol=1e-4, atol=0)

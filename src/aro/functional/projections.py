@@ -79,9 +79,9 @@ class DiagonalScaling:
     """
 
     scalings: Callable[[Tensor], Scalings]
-    # the same vectors for an X known to be bounded (entries at most sqrt(max(m, n)), as
-    # R^T M is for M divided by its largest entry): skips dividing X by its largest entry,
-    # two reductions and a full pass per call (None: ``scalings``)
+    # the same vectors for an X known to be bounded (see _scaled_squares: R^T M for M divided by
+    # its own largest entry): skips dividing X by its largest entry, two reductions and a full
+    # pass per call (None: ``scalings``)
     bounded_scalings: Callable[[Tensor], Scalings] | None = None
 
     def __call__(self, X: Tensor) -> Tensor:
@@ -89,7 +89,7 @@ class DiagonalScaling:
         return apply_scalings(X, self.of_bounded(X))
 
     def of_bounded(self, X: Tensor) -> Scalings:
-        r"""``(a, b)`` of an ``X`` whose entries are at most :math:`\sqrt{\max(m, n)}` in magnitude."""
+        r"""``(a, b)`` of a bounded ``X`` (see :func:`_scaled_squares`)."""
         return (self.bounded_scalings or self.scalings)(X)
 
 
@@ -147,10 +147,12 @@ def _scaled_squares(X: Tensor, bounded: bool) -> tuple[Tensor, Tensor]:
     largest entry of each matrix (``(..., 1, 1)``), or ``inv = 1`` for a ``bounded`` ``X``.
 
     Bounded means :math:`|X_{ij}| \le \sqrt{\max(m,n)}` with a largest row of squared norm at
-    least :math:`1/m`, as :math:`R^\top M` is for :math:`M` divided by its largest entry (its
-    Frobenius norm is at least 1): the squares cannot overflow, and a row that carries signal
-    (:func:`_signal_masks`: above :math:`\tau^2` times the largest) stays far above the
-    :math:`\epsilon^2` floor of Sinkhorn's first products, which is all the division guards."""
+    least :math:`1/m`, as :math:`R^\top M` is for :math:`M` divided by its own largest entry (its
+    Frobenius norm is at least 1): the squares cannot overflow or fall to subnormals, and a row
+    that carries signal (:func:`_signal_masks`: above :math:`\tau^2` times the largest) stays far
+    above the :math:`\epsilon^2` floor of Sinkhorn's first products, which is all the division
+    guards. A member of a shared rotation divided by a factor common to all members is *not*
+    bounded in this sense (it may be many orders below 1); the rotated step does not call it so."""
     if bounded:
         return torch.ones((1,) * X.ndim, dtype=X.dtype, device=X.device), torch.square(X)
     inv = inverse_amax(X)
@@ -218,7 +220,8 @@ def sinkhorn_scalings(
 
     Returns:
         :class:`Scalings` ``(a, b)`` of shapes ``(..., m)`` and ``(..., n)``, relative to ``X``
-        itself (``a`` includes :math:`1/\max_{ij}|X_{ij}|` and the RMS normalization).
+        itself (``a`` includes the RMS normalization and, unless ``bounded``,
+        :math:`1/\max_{ij}|X_{ij}|`).
     """
     if variant not in SINKHORN_VARIANTS:
         raise ValueError(f"Invalid sinkhorn variant: {variant!r}; expected one of {SINKHORN_VARIANTS}")

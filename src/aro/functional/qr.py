@@ -128,7 +128,11 @@ def shifted_cholesky_qr(A: Tensor, *, shift: float = DEFAULT_SHIFT, cholqr2: boo
 
 @contextlib.contextmanager
 def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op CPU threads (None: unchanged), then restore them."""
+    """Run the block with ``threads`` intra-op CPU threads (None: unchanged), then restore them.
+
+    The thread count is the process's (``torch.set_num_threads``): CPU work that another Python
+    thread runs meanwhile runs with it too, and two threads using this at once may restore each
+    other's values."""
     before = torch.get_num_threads()
     if threads is None or threads == before:
         yield

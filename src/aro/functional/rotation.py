@@ -136,7 +136,9 @@ def cross_gram(
         if isinstance(f, DiagonalScaling):
             # M f(Z)^T = M (D_a Z D_b)^T = M (Z D_b)^T D_a: the scalings enter the products
             Z = mm(R.mT, Mj, matmul_dtype)
-            a, b = f.of_bounded(Z)  # Z = R^T M with M divided by its largest entry
+            # bounded when Mj holds the common largest entry: a single member, or the stack;
+            # a member of a sum may be many orders below it (projections._scaled_squares)
+            a, b = (f.of_bounded if len(Ms) == 1 else f.scalings)(Z)
             Aj = mm(Mj, Z.mul_(b.unsqueeze(-2)).mT, matmul_dtype).mul_(a.unsqueeze(-2))
         else:  # f (the Adam projection's state) sees the unscaled rotated momentum
             Aj = mm(Mj, lookahead(f, mm(R.mT, M, matmul_dtype), s, bias_correction).mT, matmul_dtype)
@@ -200,19 +202,23 @@ def rotated_update(
     bias_correction: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
     prescaled: bool = False,
+    own_scale: bool = True,
 ) -> Tensor:
     r""":math:`U = R\,f(R^\top M)` (or :math:`f(M)` when ``R`` is None); Adam state updated.
 
     For a diagonal-scaling f the product is formed as :math:`(R D_a)\,Z\,D_b` with
     :math:`Z = R^\top M`, so :math:`f(Z)` is never written out; ``M`` is divided by its largest
     entry first (f is scale invariant; ``a`` would overflow for a tiny ``M``) unless
-    ``prescaled`` says the caller did so.
+    ``prescaled`` says the caller did so. ``own_scale=False`` says that the caller divided ``M``
+    by a factor common to several members (a shared rotation), not by its own largest entry:
+    then :math:`Z` may be far below 1 and f divides it by its own largest entry again.
     """
     if R is None:
         return project_(f, M, f_state, bias_correction)
     if isinstance(f, DiagonalScaling):
         Z = mm(R.mT, M if prescaled else _common_scale([M])[0], matmul_dtype)
-        a, b = f.of_bounded(Z)  # Z = R^T M with M divided by its largest entry
+        # Z = R^T M with M divided by its own largest entry is bounded (projections._scaled_squares)
+        a, b = (f.of_bounded if own_scale or not prescaled else f.scalings)(Z)
         return mm(R * a.unsqueeze(-2), Z, matmul_dtype).mul_(b.unsqueeze(-2))
     return mm(R, project_(f, mm(R.mT, M, matmul_dtype), f_state, bias_correction), matmul_dtype)
 
@@ -286,7 +292,7 @@ def shared_rotated_step(
     for j, (M, s) in enumerate(zip(Ms, states)):
         M_f = M if scaled is None else scaled[j]
         U = rotated_update(M_f, Q, f=f, f_state=s, bias_correction=bias_correction, matmul_dtype=matmul_dtype,
-                           prescaled=scaled is not None)
+                           prescaled=scaled is not None, own_scale=len(Ms) == 1)
         if project_tall and M.shape[-1] < M.shape[-2]:
             U = project_onto_span(U, M)
         updates.append(U)
