@@ -156,17 +156,16 @@ def compute_bucket(spec: GroupSpec, bucket: list[Unit], src: Sources) -> BucketR
     refresh = spec.refreshes(src.step[id(first.members[0].param)])
     step = partial(shared_rotated_step, Ms, R, policy=spec.policy, f=spec.f, bias_correction=bias_correction,
                    estimator=spec.estimator, refresh=refresh)
-    qr, matmul_dtype, qr_threads = spec.qr, spec.matmul_dtype, None
+    qr, matmul_dtype = spec.qr, spec.matmul_dtype
     if qr == "auto" or matmul_dtype == "auto":
         device = Ms[0].device
         key = (device.type, str(Ms[0].dtype).removeprefix("torch."), tuple(Ms[0].shape[:2]),
                tuple(M.shape[-1] for M in Ms), spec.policy, "refresh" if refresh else "reuse",
-               f"qr={qr}", f"matmul_dtype={matmul_dtype}", f"threads={torch.get_num_threads()}")
-        qr, matmul_dtype, qr_threads = tuning.choose(
+               f"qr={qr}", f"matmul_dtype={matmul_dtype}")
+        qr, matmul_dtype = tuning.choose(
             key, tuning.options(qr, matmul_dtype, device, Ms[0].dtype),
-            lambda q, d, t: step(f_states=[V.clone() for V in Vs] if Vs else None, qr=q, matmul_dtype=d, qr_threads=t),
-            device)
-    out = step(f_states=Vs, qr=qr, matmul_dtype=matmul_dtype, qr_threads=qr_threads)
+            lambda q, d: step(f_states=[V.clone() for V in Vs] if Vs else None, qr=q, matmul_dtype=d), device)
+    out = step(f_states=Vs, qr=qr, matmul_dtype=matmul_dtype)
     updates = [U if spec.rms_target is None else rms_match_(U, spec.rms_target) for U in out.updates]
     produced = {S.UPDATE: updates, S.ROTATION: [out.rotation], S.EXP_AVG_SQ: Vs}
     values = [t for field in S.step_outputs(spec) for t in produced[field.key]]

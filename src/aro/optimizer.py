@@ -73,9 +73,8 @@ class ARO(Optimizer):
         rotation: policy, one of ``"aro"`` (default), ``"eigen"``, ``"eigen_exact"``,
             ``"polar"``, ``"identity"`` (see :mod:`aro.functional.rotation`).
         qr: ``"householder"`` (default), ``"shifted_cholesky"`` (GEMM-based; falls back to
-            Householder per matrix) or ``"auto"``: the faster of the two for each bucket shape
-            (on a multi-threaded CPU also Householder on one thread), timed on its first step
-            (:mod:`aro.tuning`; all agree to rounding).
+            Householder per matrix) or ``"auto"``: the faster of the two for each bucket shape,
+            timed on its first step (:mod:`aro.tuning`; the two agree to rounding).
         sinkhorn_iters: Sinkhorn iterations K (default 5, the paper's).
         sinkhorn_variant: ``"simultaneous"`` (default, as the paper writes it) or ``"alternating"``.
         nesterov: use the Nesterov momentum :math:`\tilde M_t` for rotation and update

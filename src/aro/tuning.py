@@ -14,13 +14,6 @@ the fastest. The choice is cached for the process, reported by :func:`choices` (
 bfloat16 products are a candidate only under ``matmul_dtype="auto"`` and only where bfloat16 is
 native (:func:`native_bf16`): they change the numerics beyond rounding (an 8-bit mantissa), which
 is the user's call; the two QRs agree to rounding.
-
-Under ``qr="auto"`` on a CPU process with several intra-op threads, the Householder QR is also
-timed on one thread: LAPACK's threading of a batch of small factorizations can cost more than
-it brings while large ones gain from it, and where the line falls depends on the machine (README,
-"Choosing the QR and the product precision by measurement"; ``benchmarks/step_ablations.py``,
-table ``qr_threads``). The thread count changes the result by rounding only; it is part of the
-cache key, so a process that changes its thread count times again.
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ __all__ = ["ROUNDS", "choices", "choose", "native_bf16", "options"]
 
 ROUNDS = 3  # timed rounds per candidate after one warm-up call; the median decides
 
-Choice = tuple[str, "torch.dtype | None", "int | None"]  # qr, matmul dtype, QR threads (None: the process's)
+Choice = tuple[str, "torch.dtype | None"]
 _CHOSEN: dict[Hashable, Choice] = {}
 
 
@@ -64,18 +57,15 @@ def native_bf16(device: torch.device) -> bool:
 
 def options(qr: str, matmul_dtype: "torch.dtype | str | None", device: torch.device,
             dtype: torch.dtype = torch.float32) -> list[Choice]:
-    """The (qr, matmul dtype, QR threads) combinations to time for a group's settings (one if both
-    are pinned). bfloat16 products are offered for float32 state only: float64 state asks for
-    float64 accuracy. A one-thread Householder QR is offered under ``qr="auto"`` on a CPU process
-    with more than one thread."""
+    """The (qr, matmul dtype) combinations to time for a group's settings (one if both are
+    pinned). bfloat16 products are offered for float32 state only: float64 state asks for
+    float64 accuracy."""
     qrs = ["householder", "shifted_cholesky"] if qr == "auto" else [qr]
     if matmul_dtype == "auto":
         dtypes = [None, torch.bfloat16] if native_bf16(device) and dtype == torch.float32 else [None]
     else:
         dtypes = [matmul_dtype]
-    one_thread = qr == "auto" and device.type == "cpu" and torch.get_num_threads() > 1
-    threads = {q: [None, 1] if q == "householder" and one_thread else [None] for q in qrs}
-    return [(q, d, t) for q in qrs for d in dtypes for t in threads[q]]
+    return [(q, d) for q in qrs for d in dtypes]
 
 
 def _sync(device: torch.device) -> None:
@@ -83,9 +73,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def choose(key: Hashable, candidates: list[Choice], run: Callable[[str, "torch.dtype | None", "int | None"], object],
+def choose(key: Hashable, candidates: list[Choice], run: Callable[[str, "torch.dtype | None"], object],
            device: torch.device) -> Choice:
-    """The fastest of ``candidates`` for ``key``, timing ``run(qr, matmul_dtype, qr_threads)`` the first time."""
+    """The fastest of ``candidates`` for ``key``, timing ``run(qr, matmul_dtype)`` the first time."""
     if key in _CHOSEN:
         return _CHOSEN[key]
     if len(candidates) == 1:
@@ -107,9 +97,8 @@ def choose(key: Hashable, candidates: list[Choice], run: Callable[[str, "torch.d
 
 
 def choices() -> dict[str, str]:
-    """Every choice made in this process: ``{bucket description: "qr[ on N thread(s)], matmul dtype"}``."""
+    """Every choice made in this process: ``{bucket description: "qr, matmul dtype"}``."""
     out = {}
-    for key, (qr, dtype, threads) in _CHOSEN.items():
-        on = "" if threads is None else f" on {threads} thread{'s' if threads > 1 else ''}"
-        out[str(key)] = f"{qr}{on}, {'float32' if dtype is None else str(dtype).replace('torch.', '')} products"
+    for key, (qr, dtype) in _CHOSEN.items():
+        out[str(key)] = f"{qr}, {'float32' if dtype is None else str(dtype).replace('torch.', '')} products"
     return out

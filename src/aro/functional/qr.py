@@ -28,16 +28,14 @@ below fp32 rounding of the cross-Gram itself.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .numerics import amax_abs
 
-__all__ = ["QR_METHODS", "Orthonormalized", "householder_qr", "intra_op_threads", "orthonormalize", "polar",
-           "shifted_cholesky_qr"]
+__all__ = ["QR_METHODS", "Orthonormalized", "householder_qr", "orthonormalize", "polar", "shifted_cholesky_qr"]
 
 QR_METHODS = ("householder", "shifted_cholesky")
 
@@ -126,24 +124,6 @@ def shifted_cholesky_qr(A: Tensor, *, shift: float = DEFAULT_SHIFT, cholqr2: boo
     return Q, ok & ok2 & close
 
 
-@contextlib.contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op CPU threads (None: unchanged), then restore them.
-
-    The thread count is the process's (``torch.set_num_threads``): CPU work that another Python
-    thread runs meanwhile runs with it too, and two threads using this at once may restore each
-    other's values."""
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def polar(A: Tensor) -> Tensor:
     r"""Orthogonal polar factor :math:`UV^\top` of :math:`A = U\Sigma V^\top` (exact Procrustes)."""
     U, _, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -157,7 +137,6 @@ def orthonormalize(
     method: str = "householder",
     shift: float = DEFAULT_SHIFT,
     cholqr2: bool = True,
-    threads: int | None = None,
 ) -> Orthonormalized:
     r"""Rotation from the cross-Gram: :math:`R_t = \mathrm{QR}(A)` per matrix, guarded.
 
@@ -167,9 +146,6 @@ def orthonormalize(
         method: ``"householder"``, ``"shifted_cholesky"`` or ``"polar"`` (exact Procrustes,
             for the paper's QR ablation, §5).
         shift, cholqr2: see :func:`shifted_cholesky_qr`.
-        threads: CPU intra-op threads for the Householder factorization (None: the process's).
-            LAPACK's threading of small factorizations can cost more than it brings
-            (``qr="auto"`` times it, :mod:`aro.tuning`); the result may differ by rounding.
     """
     amax = amax_abs(A)
     usable = (amax > 0) & torch.isfinite(amax)  # (..., 1, 1)
@@ -184,8 +160,7 @@ def orthonormalize(
     A_s = X.mul_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).reciprocal_()).add_(previous, alpha=delta)
     fallbacks = torch.zeros((), dtype=torch.int64, device=A.device)
     if method == "householder":
-        with intra_op_threads(threads):
-            Q = householder_qr(A_s)
+        Q = householder_qr(A_s)
     elif method == "shifted_cholesky":
         Q, ok = shifted_cholesky_qr(A_s, shift=shift, cholqr2=cholqr2)
         bad = ~ok

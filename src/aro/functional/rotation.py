@@ -181,16 +181,15 @@ def new_rotation(
     cholqr2: bool = True,
     matmul_dtype: torch.dtype | None = None,
     scaled: Sequence[Tensor] | None = None,
-    qr_threads: int | None = None,
 ) -> Orthonormalized:
     """:math:`R_t` from the members' momenta and :math:`R_{t-1}` under ``policy`` (not ``"identity"``);
-    ``scaled`` as in :func:`cross_gram`, ``qr_threads`` as ``threads`` of :func:`orthonormalize`."""
+    ``scaled`` as in :func:`cross_gram`."""
     if policy == "eigen_exact":
         return eigen_rotation(Ms, R)
     A = cross_gram(Ms, R, policy=policy, f=f, f_states=f_states, bias_correction=bias_correction, estimator=estimator,
                    matmul_dtype=matmul_dtype, scaled=scaled)
     method = "polar" if policy == "polar" else qr
-    return orthonormalize(A, R, method=method, shift=shift, cholqr2=cholqr2, threads=qr_threads)
+    return orthonormalize(A, R, method=method, shift=shift, cholqr2=cholqr2)
 
 
 def rotated_update(
@@ -244,7 +243,6 @@ def shared_rotated_step(
     cholqr2: bool = True,
     refresh: bool = True,
     matmul_dtype: torch.dtype | None = None,
-    qr_threads: int | None = None,
 ) -> SharedStep:
     r"""One rotated steepest-descent step for units of members sharing a rotation.
 
@@ -263,7 +261,6 @@ def shared_rotated_step(
         qr, shift, cholqr2: orthonormalization backend (see :mod:`aro.functional.qr`).
         refresh: False keeps :math:`R_t = R_{t-1}` (a step between rotation refreshes).
         matmul_dtype: dtype of the products with :math:`R` (None: the input's; see :func:`mm`).
-        qr_threads: CPU threads for the QR (None: the process's; see :func:`orthonormalize`).
     """
     if policy not in ROTATION_POLICIES:
         raise ValueError(f"Invalid rotation policy: {policy!r}; expected one of {ROTATION_POLICIES}")
@@ -284,7 +281,7 @@ def shared_rotated_step(
     if refresh:
         Q, fallbacks, degenerate = new_rotation(
             Ms, R, policy=policy, f=f, f_states=states, bias_correction=bias_correction, estimator=estimator,
-            qr=qr, shift=shift, cholqr2=cholqr2, matmul_dtype=matmul_dtype, scaled=scaled, qr_threads=qr_threads,
+            qr=qr, shift=shift, cholqr2=cholqr2, matmul_dtype=matmul_dtype, scaled=scaled,
         )
     else:
         Q, fallbacks, degenerate = R, zero, zero
