@@ -152,3 +152,29 @@ def test_folder_made_before_a_field_existed_resumes(tmp_path):
     assert config["budgets"] == [] and config["tokens_per_parameter"] == 20.0
     with pytest.raises(ValueError, match="different config"):
         _write_config(resolve("smoke", {"out": str(tmp_path), "budget_seeds": 5}), load_corpus(None).describe())
+
+
+def test_versus_pairs_seeds_across_run_folders_that_differ_only_in_optimizers(tmp_path, capsys):
+    folders = {}
+    for name, offset in (("aro-sinkhorn", 0.0), ("aro-sinkhorn-bf16", 0.02)):
+        out = tmp_path / name
+        out.mkdir()
+        cfg = BenchConfig(optimizers=(name,), steps=40, seeds=2, lr_grid=(2e-3,), lr_by_optimizer={name: 2e-3},
+                          out=str(out))
+        (out / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+        for seed in (0, 1):
+            _write_run(out, name, 2e-3, seed, 40, [5.0, 3.0, 2.0, 1.9, 1.8 + 0.05 * seed + offset])
+        folders[name] = out
+    assert main(["report", str(folders["aro-sinkhorn-bf16"]), str(folders["aro-sinkhorn"]), "--markdown",
+                 "--versus", "aro-sinkhorn"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| aro-sinkhorn")]
+    assert rows[0].startswith("| aro-sinkhorn-bf16 |") and rows[0].endswith("| +0.020 [+0.020, +0.020]* |")
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = BenchConfig(optimizers=("adamw",), steps=80, seeds=2, lr_grid=(2e-3,), lr_by_optimizer={"adamw": 2e-3},
+                      out=str(other))
+    (other / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    for seed in (0, 1):
+        _write_run(other, "adamw", 2e-3, seed, 80, [5.0, 3.0, 2.0, 1.9, 1.9])
+    assert main(["report", str(folders["aro-sinkhorn"]), str(other), "--markdown", "--versus", "adamw"]) != 0
+    assert "differ in 'steps' (80 vs 40): their seeds are not paired" in capsys.readouterr().err

@@ -45,18 +45,23 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
-    from .report import combined_budget_figure, format_markdown, format_table, write_report
+    from .report import combined_budget_figure, format_markdown, format_table, pairing_pool, write_report
 
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "config.json").exists():
             raise ValueError(f"{run_dir}: not a run folder (no config.json); give the --out folder of an aro bench run")
-    for run_dir in args.run_dirs:
-        summary = write_report(Path(run_dir))
+    summaries = {run_dir: write_report(Path(run_dir)) for run_dir in args.run_dirs}
+    pool = None
+    if args.versus and len(args.run_dirs) > 1:  # --versus may name an optimizer of another folder
+        configs = {d: json.loads((Path(d) / "config.json").read_text())["config"] for d in args.run_dirs}
+        pool = pairing_pool(configs, summaries)
+    for run_dir, summary in summaries.items():
         if args.markdown is not None:
             names = _names(args.markdown) or None
-            print(format_markdown(summary, names, args.versus))
+            print(format_markdown(summary, names, args.versus, pool))
         else:
             print(f"{run_dir}\n{format_table(summary)}")
     if args.budget_figure:
@@ -142,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", nargs="?", const="", metavar="NAMES",
                         help="print the README's results table (optionally only these comma-separated optimizers)")
     report.add_argument("--versus", metavar="NAME", help="with --markdown: add the paired final-loss difference "
-                        "against this optimizer")
+                        "against this optimizer, which may be in another of the RUN_DIRs if they differ only in "
+                        "optimizers, lrs, budgets and seed counts")
     report.add_argument("--budget-figure", metavar="PNG",
                         help="also draw speedup against budget for all RUN_DIRs in one figure (one row each)")
     report.set_defaults(func=_report)

@@ -103,11 +103,13 @@ def format_budget_table(summary: dict) -> str:
         "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup"])
 
 
-def format_markdown(summary: dict, names: list[str] | None = None, versus: str | None = None) -> str:
+def format_markdown(summary: dict, names: list[str] | None = None, versus: str | None = None,
+                    pool: dict[str, dict] | None = None) -> str:
     """The README's results table: final loss (mean ± std over seeds), speedups vs the baselines
     (geometric mean and paired 95% interval) and the final-loss difference vs Muon (paired 95%
     interval); * marks an interval that excludes 1 (speedups) or 0 (differences). ``versus``
-    adds the paired final-loss difference against that optimizer (seed by seed)."""
+    adds the paired final-loss difference against that optimizer (seed by seed), looked up in
+    ``summary`` or else in ``pool`` (entries of other run folders, see :func:`pairing_pool`)."""
     head = ["optimizer", "lr", "final val loss", "speedup vs AdamW [95%]", "speedup vs Muon [95%]",
             f"Δ loss vs {BASELINES[-1].capitalize()} [95%]"] + ([f"Δ loss vs {versus} [95%]"] if versus else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -124,21 +126,45 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
         diff = paired.get(strongest, {}).get("final_loss_diff") if name != strongest else None
         cells.append("0" if name == strongest else _interval(diff, "+.3f"))
         if versus:
-            cells.append("0" if name == versus else _interval(_paired_vs(summary, name, versus), "+.3f"))
+            cells.append("0" if name == versus else _interval(_paired_vs(summary, name, versus, pool), "+.3f"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 
-def _paired_vs(summary: dict, name: str, other: str) -> dict | None:
+def _paired_vs(summary: dict, name: str, other: str, pool: dict[str, dict] | None = None) -> dict | None:
     """Paired final-loss difference ``name − other`` over their common seeds (base budget)."""
-    a, b = summary["optimizers"].get(name), summary["optimizers"].get(other)
+    a, b = summary["optimizers"].get(name), summary["optimizers"].get(other) or (pool or {}).get(other)
     if not a or not b or "final_val_loss" not in a or "final_val_loss" not in b:
         return None
     theirs = dict(zip(b["seeds"], b["final_val_loss"]["per_seed"]))
     mine = dict(zip(a["seeds"], a["final_val_loss"]["per_seed"]))
     common = [s for s in a["seeds"] if s in theirs]
     return paired_difference([mine[s] for s in common], [theirs[s] for s in common])
+
+
+# config values that may differ between run folders whose seeds still pair: which optimizers ran,
+# at which lrs, budgets and seed counts, and how the processes ran; everything else (model, data,
+# steps, batch, schedule, evaluation) fixes the initial weights and the data order of a seed
+PAIRING_FREE = frozenset({"optimizers", "lr", "lr_grid", "lr_grid_by_optimizer", "lr_by_optimizer", "budgets",
+                          "budget_seeds", "overtrain", "seeds", "out", "threads", "parallel"})
+
+
+def pairing_pool(configs: dict[str, dict], summaries: dict[str, dict]) -> dict[str, dict]:
+    """The optimizer entries of several run folders (``{folder: config}``, ``{folder: summary}``),
+    merged for seed-by-seed pairing across folders; a ValueError names the folder and the
+    config value that makes their seeds incomparable."""
+    first, *rest = configs
+    for other in rest:
+        for key in sorted((set(configs[first]) | set(configs[other])) - PAIRING_FREE):
+            if configs[first].get(key) != configs[other].get(key):
+                raise ValueError(f"{other} and {first} differ in {key!r} ({configs[other].get(key)!r} vs "
+                                 f"{configs[first].get(key)!r}): their seeds are not paired; compare folders "
+                                 "made with the same model, data, steps and schedule")
+    pool: dict[str, dict] = {}
+    for folder in configs:
+        pool.update(summaries[folder]["optimizers"])
+    return pool
 
 
 def write_report(out: Path, summary: dict | None = None) -> dict:
