@@ -201,23 +201,20 @@ def rotated_update(
     bias_correction: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
     prescaled: bool = False,
-    own_scale: bool = True,
 ) -> Tensor:
     r""":math:`U = R\,f(R^\top M)` (or :math:`f(M)` when ``R`` is None); Adam state updated.
 
     For a diagonal-scaling f the product is formed as :math:`(R D_a)\,Z\,D_b` with
     :math:`Z = R^\top M`, so :math:`f(Z)` is never written out; ``M`` is divided by its largest
     entry first (f is scale invariant; ``a`` would overflow for a tiny ``M``) unless
-    ``prescaled`` says the caller did so. ``own_scale=False`` says that the caller divided ``M``
-    by a factor common to several members (a shared rotation), not by its own largest entry:
-    then :math:`Z` may be far below 1 and f divides it by its own largest entry again.
+    ``prescaled`` says the caller did so (by ``M``'s own largest entry: then :math:`Z` is bounded,
+    see ``projections._scaled_squares``).
     """
     if R is None:
         return project_(f, M, f_state, bias_correction)
     if isinstance(f, DiagonalScaling):
         Z = mm(R.mT, M if prescaled else _common_scale([M])[0], matmul_dtype)
-        # Z = R^T M with M divided by its own largest entry is bounded (projections._scaled_squares)
-        a, b = (f.of_bounded if own_scale or not prescaled else f.scalings)(Z)
+        a, b = f.of_bounded(Z)  # Z = R^T M with M divided by its own largest entry
         return mm(R * a.unsqueeze(-2), Z, matmul_dtype).mul_(b.unsqueeze(-2))
     return mm(R, project_(f, mm(R.mT, M, matmul_dtype), f_state, bias_correction), matmul_dtype)
 
@@ -285,11 +282,13 @@ def shared_rotated_step(
         )
     else:
         Q, fallbacks, degenerate = R, zero, zero
+    # a lone member is divided by its own largest entry; members of a shared rotation only by their
+    # common factor, which may leave one many orders below 1, so each is divided again by its own
+    prescaled = scaled is not None and len(Ms) == 1
     updates = []
     for j, (M, s) in enumerate(zip(Ms, states)):
-        M_f = M if scaled is None else scaled[j]
-        U = rotated_update(M_f, Q, f=f, f_state=s, bias_correction=bias_correction, matmul_dtype=matmul_dtype,
-                           prescaled=scaled is not None, own_scale=len(Ms) == 1)
+        U = rotated_update(scaled[j] if prescaled else M, Q, f=f, f_state=s, bias_correction=bias_correction,
+                           matmul_dtype=matmul_dtype, prescaled=prescaled)
         if project_tall and M.shape[-1] < M.shape[-2]:
             U = project_onto_span(U, M)
         updates.append(U)
