@@ -6,12 +6,14 @@ import math
 import pytest
 
 from aro.bench import protocol
+from aro.bench.cli import main
 from aro.bench.budget import budget_of_steps, budget_unit, count_parameters, steps_for_budget
 from aro.bench.config import resolve
 from aro.bench.ladder import ladder_runs, schedule_fair_bound, schedule_fair_speedup
 from aro.bench.models import build_model
 from aro.bench.stats import paired_difference, paired_ratio, t_quantile
 from aro.bench.summary import summarize
+from run_logs import write_run
 
 
 # ---------------------------------------------------------------- budget arithmetic
@@ -161,3 +163,60 @@ def test_half_finished_ladder_resumes_without_redoing_runs(tmp_path, monkeypatch
         assert isinstance(two["lr_transfers"], bool)
     assert (tmp_path / "figures" / "budgets.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text()) == summarize(tmp_path)
+
+
+# ---------------------------------------------------------------- several ladders in one record
+# the tiny model's budget 1 in 40 steps of batch 2
+TPP = 40 * budget_unit("tiny", 2)["tokens_per_step"] / budget_unit("tiny", 2)["parameters"]
+
+
+def _ladder_folder(root, model, curves, tpp=TPP):
+    """A finished budget-1 run folder of ``model`` (2 seeds), written from known losses."""
+    out = root / model
+    cfg = resolve("budgets", dict(model=model, budgets=(1.0,), tokens_per_parameter=tpp, batch_size=2, seeds=2,
+                                  optimizers=("adamw", "muon", "aro-sinkhorn"), out=str(out),
+                                  lr_by_optimizer={"adamw": 2e-3, "muon": 2e-3, "aro-sinkhorn": 2e-3}))
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    for name, curve in curves.items():
+        for seed in (0, 1):
+            write_run(out, name, 2e-3, seed, cfg.budget_steps(1), [v + 0.01 * seed for v in curve])
+    return out
+
+
+CURVES = {"adamw": [5.0, 4.0, 3.0, 2.5, 2.0], "muon": [5.0, 3.5, 2.6, 2.2, 1.9],
+          "aro-sinkhorn": [5.0, 3.0, 2.0, 1.9, 1.8]}
+
+
+def test_budget_summary_gathers_each_folders_ladder(tmp_path):
+    dense = _ladder_folder(tmp_path, "tiny", curves=CURVES)
+    moe = _ladder_folder(tmp_path, "moe-small", curves={k: [v - 0.1 for v in c] for k, c in CURVES.items()})
+    path, png = tmp_path / "all" / "summary.json", tmp_path / "all" / "budgets.png"
+    assert main(["report", str(dense), str(moe), "--budget-summary", str(path), "--budget-figure", str(png)]) == 0
+    combined = json.loads(path.read_text())
+    assert combined["budget_unit"]["which_parameters"].startswith("all")
+    assert set(combined["ladders"]) == {"tiny", "moe-small"}
+    for folder, shift in ((dense, 0.0), (moe, -0.1)):
+        ladder = combined["ladders"][folder.name]
+        assert ladder["model"] == folder.name and ladder["source"] == str(folder)
+        own = json.loads((folder / "summary.json").read_text())
+        assert ladder["budget_unit"] == own["budget_unit"]
+        for name, curve in CURVES.items():
+            block = ladder["optimizers"][name]["budgets"]["1"]
+            assert block == own["optimizers"][name]["budgets"]["1"]  # the folder's block, unchanged
+            assert block["final_val_loss"]["per_seed"] == pytest.approx([curve[-1] + shift, curve[-1] + shift + 0.01])
+    # ARO reaches AdamW's final loss (2.0) at step 20 of 40
+    assert combined["ladders"]["tiny"]["optimizers"]["aro-sinkhorn"]["budgets"]["1"]["speedup"]["adamw"]["mean"] == 2.0
+    assert png.stat().st_size > 1000
+
+
+def test_budget_summary_refuses_folders_in_different_units_or_of_one_name(tmp_path, capsys):
+    dense = _ladder_folder(tmp_path, "tiny", curves=CURVES)
+    other = _ladder_folder(tmp_path, "moe-small", CURVES, tpp=2 * TPP)
+    assert main(["report", str(dense), str(other), "--budget-summary", str(tmp_path / "s.json")]) != 0
+    assert "count budgets in different units" in capsys.readouterr().err
+    (tmp_path / "copy").mkdir()
+    twin = _ladder_folder(tmp_path / "copy", "tiny", curves=CURVES)
+    assert main(["report", str(dense), str(twin), "--budget-summary", str(tmp_path / "s.json")]) != 0
+    assert "appear twice" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()  # nothing half-written

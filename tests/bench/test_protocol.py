@@ -8,19 +8,7 @@ from aro.bench.config import BenchConfig, resolve
 from aro.bench.summary import summarize
 from aro.bench.report import format_table, write_report
 from aro.bench.train import lr_factor
-
-
-def _write_run(out: Path, optimizer: str, lr: float, seed: int, steps: int, losses: list[float]):
-    d = out / "runs" / f"{optimizer}__lr{lr:g}__seed{seed}__steps{steps}"
-    d.mkdir(parents=True)
-    evals = list(range(0, steps + 1, steps // (len(losses) - 1)))
-    lines = [{"step": s, "val_loss": v, "train_loss": v, "lr": lr, "step_times": [0.01] * 5, "opt_times": [0.002] * 5}
-             for s, v in zip(evals, losses)]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    result = {"spec": {"optimizer": optimizer, "lr": lr, "seed": seed, "steps": steps}, "final_val_loss": losses[-1],
-              "diverged": False, "step_time_s": 0.01 if optimizer != "aro-sinkhorn" else 0.011,
-              "optimizer_step_time_s": 0.002, "optimizer_stats": {}}
-    (d / "result.json").write_text(json.dumps(result))
+from run_logs import write_run
 
 
 def test_report_rebuilt_from_fixture_logs(tmp_path):
@@ -33,9 +21,9 @@ def test_report_rebuilt_from_fixture_logs(tmp_path):
         "aro-sinkhorn": [5.0, 3.0, 2.0, 1.9, 1.8],
     }
     for name, curve in curves.items():
-        _write_run(tmp_path, name, 1e-3, 0, 40, [v + 0.3 for v in curve])  # worse lr
+        write_run(tmp_path, name, 1e-3, 0, 40, [v + 0.3 for v in curve])  # worse lr
         for seed in (0, 1):
-            _write_run(tmp_path, name, 2e-3, seed, 40, [v + 0.01 * seed for v in curve])
+            write_run(tmp_path, name, 2e-3, seed, 40, [v + 0.01 * seed for v in curve])
     summary = write_report(tmp_path)
     aro_entry = summary["optimizers"]["aro-sinkhorn"]
     assert aro_entry["lr"] == 2e-3 and aro_entry["lr_at_grid_edge"]
@@ -163,7 +151,7 @@ def test_versus_pairs_seeds_across_run_folders_that_differ_only_in_optimizers(tm
                           out=str(out))
         (out / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
         for seed in (0, 1):
-            _write_run(out, name, 2e-3, seed, 40, [5.0, 3.0, 2.0, 1.9, 1.8 + 0.05 * seed + offset])
+            write_run(out, name, 2e-3, seed, 40, [5.0, 3.0, 2.0, 1.9, 1.8 + 0.05 * seed + offset])
         folders[name] = out
     assert main(["report", str(folders["aro-sinkhorn-bf16"]), str(folders["aro-sinkhorn"]), "--markdown",
                  "--versus", "aro-sinkhorn"]) == 0
@@ -175,6 +163,6 @@ def test_versus_pairs_seeds_across_run_folders_that_differ_only_in_optimizers(tm
                       out=str(other))
     (other / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
     for seed in (0, 1):
-        _write_run(other, "adamw", 2e-3, seed, 80, [5.0, 3.0, 2.0, 1.9, 1.9])
+        write_run(other, "adamw", 2e-3, seed, 80, [5.0, 3.0, 2.0, 1.9, 1.9])
     assert main(["report", str(folders["aro-sinkhorn"]), str(other), "--markdown", "--versus", "adamw"]) != 0
     assert "differ in 'steps' (80 vs 40): their seeds are not paired" in capsys.readouterr().err

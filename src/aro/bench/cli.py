@@ -48,7 +48,9 @@ def _report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .report import combined_budget_figure, format_markdown, format_table, pairing_pool, write_report
+    from .files import atomic_write_text
+    from .report import (combined_budget_figure, combined_budget_summary, format_markdown, format_table, pairing_pool,
+                         write_report)
 
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "config.json").exists():
@@ -67,6 +69,11 @@ def _report(args: argparse.Namespace) -> int:
     if args.budget_figure:
         combined_budget_figure([Path(d) for d in args.run_dirs], Path(args.budget_figure))
         print(f"\nbudget figure: {args.budget_figure}")
+    if args.budget_summary:
+        combined = combined_budget_summary([Path(d) for d in args.run_dirs])
+        Path(args.budget_summary).parent.mkdir(parents=True, exist_ok=True)  # as --budget-figure does
+        atomic_write_text(Path(args.budget_summary), json.dumps(combined, indent=1))
+        print(f"budget summary: {args.budget_summary}")
     return 0
 
 
@@ -151,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimizers, lrs, budgets and seed counts")
     report.add_argument("--budget-figure", metavar="PNG",
                         help="also draw speedup against budget for all RUN_DIRs in one figure (one row each)")
+    report.add_argument("--budget-summary", metavar="JSON",
+                        help="also write the budget ladders of all RUN_DIRs into one JSON (one entry per folder, "
+                        "each in its summary.json's budgets schema)")
     report.set_defaults(func=_report)
     _add_subcommands(sub)
     return parser

@@ -20,7 +20,7 @@ from .optimizers import BASELINES
 from .stats import paired_difference
 from .summary import load_runs, summarize
 
-__all__ = ["budget_figure", "combined_budget_figure", "format_budget_table", "format_markdown", "format_table",
+__all__ = ["budget_figure", "combined_budget_figure", "combined_budget_summary", "format_budget_table", "format_markdown", "format_table",
            "write_report"]
 
 
@@ -322,7 +322,51 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _folder_summaries(run_dirs: list[Path]) -> dict[str, dict]:
+    """``{folder name: summary.json}``; two folders of one name would overwrite each other."""
+    names = [Path(d).name for d in run_dirs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"RUN_DIR: folders named {repeated} appear twice; every folder labels its own row, "
+                         "so give folders with distinct names")
+    return {Path(d).name: json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
+
+
 def combined_budget_figure(run_dirs: list[Path], path: Path) -> None:
     """:func:`budget_figure` over several run folders (each row labelled by its folder name)."""
-    summaries = {Path(d).name: json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
+    summaries = _folder_summaries(run_dirs)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     budget_figure(_plt(), summaries, Path(path))
+
+
+def combined_budget_summary(run_dirs: list[Path]) -> dict:
+    """The budget ladders of several run folders (e.g. the tiny ladder, the small and the MoE model
+    at 1x) in one record, so one file answers "what does X gain over Y at budget K on model M".
+
+    ``{"budget_unit": {tokens_per_parameter, which_parameters}, "ladders": {folder name: {"model",
+    "source", "budget_unit", "optimizers": {name: {"lr", "budgets"}}}}}``: each ``budgets`` is the
+    folder summary's own block ({"K": {lr, final_val_loss, speedup, paired, ...}}), unchanged.
+    Folders must count budgets in one unit (the same tokens per parameter and parameter count
+    rule), else the budgets of different rows would not be comparable.
+    """
+    ladders, units = {}, {}
+    folders = {Path(d).name: Path(d) for d in run_dirs}
+    for name, summary in _folder_summaries(run_dirs).items():
+        unit = summary.get("budget_unit")
+        if unit is None:
+            raise ValueError(f"{name}: no budget_unit in its summary.json; give folders made with "
+                             "aro bench --budgets")
+        units[name] = (unit["tokens_per_parameter"], unit["which_parameters"])
+        config = json.loads((folders[name] / "config.json").read_text())["config"]
+        ladders[name] = {
+            "model": config["model"],
+            "source": str(folders[name]),
+            "budget_unit": unit,
+            "optimizers": {o: {"lr": e["lr"], "budgets": e.get("budgets", {})}
+                           for o, e in summary["optimizers"].items() if "lr" in e},
+        }
+    if len(set(units.values())) > 1:
+        raise ValueError(f"RUN_DIR: the folders count budgets in different units {units}; "
+                         "combine folders made with the same --tokens-per-parameter")
+    tpp, which = next(iter(units.values()))
+    return {"budget_unit": {"tokens_per_parameter": tpp, "which_parameters": which}, "ladders": ladders}
