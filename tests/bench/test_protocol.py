@@ -50,6 +50,8 @@ def test_report_rebuilt_from_fixture_logs(tmp_path):
     assert "-0.100 [-0.100, -0.100]*" in md[3]
     md = format_markdown(summary, ["aro-sinkhorn", "adamw"], versus="aro-sinkhorn").splitlines()
     assert md[2].endswith("| 0 |") and md[3].endswith("| +0.200 [+0.200, +0.200]* |")
+    # against Muon the table has its column already: no second one
+    assert format_markdown(summary, versus="muon") == format_markdown(summary)
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():

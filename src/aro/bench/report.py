@@ -109,7 +109,10 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
     (geometric mean and paired 95% interval) and the final-loss difference vs Muon (paired 95%
     interval); * marks an interval that excludes 1 (speedups) or 0 (differences). ``versus``
     adds the paired final-loss difference against that optimizer (seed by seed), looked up in
-    ``summary`` or else in ``pool`` (entries of other run folders, see :func:`pairing_pool`)."""
+    ``summary`` or else in ``pool`` (entries of other run folders, see :func:`pairing_pool`);
+    Muon's column is there already, so ``versus="muon"`` adds nothing."""
+    if versus == BASELINES[-1]:
+        versus = None
     head = ["optimizer", "lr", "final val loss", "speedup vs AdamW [95%]", "speedup vs Muon [95%]",
             f"Δ loss vs {BASELINES[-1].capitalize()} [95%]"] + ([f"Δ loss vs {versus} [95%]"] if versus else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
