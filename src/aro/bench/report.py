@@ -295,7 +295,8 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     the crossing speedup, mean ± std over seeds; dashed, open markers: the schedule-fair speedup
     (:mod:`aro.bench.ladder`)."""
     rows = list(summaries.items())
-    fig, axes = plt.subplots(len(rows), len(BASELINES), figsize=(11, 4.3 * len(rows)), squeeze=False)
+    # one budget axis for every row, so a model measured at 1x only sits under the ladder's 1x
+    fig, axes = plt.subplots(len(rows), len(BASELINES), figsize=(11, 4.3 * len(rows)), squeeze=False, sharex=True)
     names = list(dict.fromkeys(n for _, s in rows for n in s["optimizers"]))
     colors = _colors(names)
     for (label, summary), row in zip(rows, axes):
