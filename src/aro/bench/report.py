@@ -20,8 +20,8 @@ from .optimizers import BASELINES
 from .stats import paired_difference
 from .summary import load_runs, summarize
 
-__all__ = ["budget_figure", "combined_budget_figure", "combined_budget_summary", "format_budget_table", "format_markdown", "format_table",
-           "write_report"]
+__all__ = ["budget_figure", "combined_budget_figure", "combined_budget_summary", "format_budget_table",
+           "format_markdown", "format_table", "write_report"]
 
 
 def _plt():
