@@ -347,15 +347,17 @@ def combined_budget_summary(run_dirs: list[Path]) -> dict:
     """The budget ladders of several run folders (e.g. the tiny ladder, the small and the MoE model
     at 1x) in one record, so one file answers "what does X gain over Y at budget K on model M".
 
-    ``{"budget_unit": {tokens_per_parameter, which_parameters}, "ladders": {folder name: {"model",
-    "source", "budget_unit", "optimizers": {name: {"lr", "budgets"}}}}}``: each ``budgets`` is the
-    folder summary's own block ({"K": {lr, final_val_loss, speedup, paired, ...}}), unchanged.
-    Folders must count budgets in one unit (the same tokens per parameter and parameter count
-    rule), else the budgets of different rows would not be comparable.
+    The first folder is the main ladder: its ``summary.json`` is the top level, whole (the schema
+    of every summary, with ``budget_unit`` and per-optimizer ``budgets``). ``ladders`` adds every
+    folder, the first included: {folder name: {"model", "source", "budget_unit", "optimizers":
+    {name: {"lr", "budgets"}}}}, each ``budgets`` the folder summary's own block ({"K": {lr,
+    final_val_loss, speedup, paired, ...}}), unchanged. Folders must count budgets in one unit
+    (tokens per parameter and which parameters), else their budgets would not be comparable.
     """
     ladders, units = {}, {}
     folders = {Path(d).name: Path(d) for d in run_dirs}
-    for name, summary in _folder_summaries(run_dirs).items():
+    summaries = _folder_summaries(run_dirs)
+    for name, summary in summaries.items():
         unit = summary.get("budget_unit")
         if unit is None:
             raise ValueError(f"{name}: no budget_unit in its summary.json; give folders made with "
@@ -372,5 +374,4 @@ def combined_budget_summary(run_dirs: list[Path]) -> dict:
     if len(set(units.values())) > 1:
         raise ValueError(f"RUN_DIR: the folders count budgets in different units {units}; "
                          "combine folders made with the same --tokens-per-parameter")
-    tpp, which = next(iter(units.values()))
-    return {"budget_unit": {"tokens_per_parameter": tpp, "which_parameters": which}, "ladders": ladders}
+    return {**next(iter(summaries.values())), "ladders": ladders}
