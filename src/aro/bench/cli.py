@@ -67,10 +67,10 @@ def _report(args: argparse.Namespace) -> int:
         else:
             print(f"{run_dir}\n{format_table(summary)}")
     if args.budget_figure:
-        combined_budget_figure([Path(d) for d in args.run_dirs], Path(args.budget_figure))
+        combined_budget_figure(summaries, Path(args.budget_figure))
         print(f"\nbudget figure: {args.budget_figure}")
     if args.budget_summary:
-        combined = combined_budget_summary([Path(d) for d in args.run_dirs])
+        combined = combined_budget_summary(summaries)
         Path(args.budget_summary).parent.mkdir(parents=True, exist_ok=True)  # as --budget-figure does
         atomic_write_text(Path(args.budget_summary), json.dumps(combined, indent=1))
         print(f"budget summary: {args.budget_summary}")

@@ -326,47 +326,46 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _folder_summaries(run_dirs: list[Path]) -> dict[str, dict]:
-    """``{folder name: summary.json}``; two folders of one name would overwrite each other."""
-    names = [Path(d).name for d in run_dirs]
+def _labelled(summaries: dict[str | Path, dict]) -> dict[str, tuple[Path, dict]]:
+    """``{folder name: (folder, summary)}``; two folders of one name would overwrite each other."""
+    names = [Path(d).name for d in summaries]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"RUN_DIR: folders named {repeated} appear twice; every folder labels its own row, "
                          "so give folders with distinct names")
-    return {Path(d).name: json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
+    return {Path(d).name: (Path(d), summary) for d, summary in summaries.items()}
 
 
-def combined_budget_figure(run_dirs: list[Path], path: Path) -> None:
-    """:func:`budget_figure` over several run folders (each row labelled by its folder name)."""
-    summaries = _folder_summaries(run_dirs)
+def combined_budget_figure(summaries: dict[str | Path, dict], path: Path) -> None:
+    """:func:`budget_figure` over several run folders ({folder: its summary}, each row labelled by
+    the folder's name)."""
+    labelled = {name: summary for name, (_, summary) in _labelled(summaries).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    budget_figure(_plt(), summaries, Path(path))
+    budget_figure(_plt(), labelled, Path(path))
 
 
-def combined_budget_summary(run_dirs: list[Path]) -> dict:
-    """The budget ladders of several run folders (e.g. the tiny ladder, the small and the MoE model
-    at 1x) in one record, so one file answers "what does X gain over Y at budget K on model M".
+def combined_budget_summary(summaries: dict[str | Path, dict]) -> dict:
+    """The budget ladders of several run folders ({folder: its summary}; e.g. the tiny ladder, the
+    small and the MoE model at 1x) in one record, so one file answers "what does X gain over Y at
+    budget K on model M".
 
-    The first folder is the main ladder: its ``summary.json`` is the top level, whole (the schema
-    of every summary, with ``budget_unit`` and per-optimizer ``budgets``). ``ladders`` adds every
-    folder, the first included: {folder name: {"model", "source", "budget_unit", "optimizers":
-    {name: {"lr", "budgets"}}}}, each ``budgets`` the folder summary's own block ({"K": {lr,
+    The first folder is the main ladder: its summary is the top level, whole (the schema of every
+    summary, with ``budget_unit`` and per-optimizer ``budgets``). ``ladders`` adds every folder,
+    the first included: {folder name: {"model", "source", "budget_unit", "optimizers": {name:
+    {"lr", "budgets"}}}}, each ``budgets`` the folder summary's own block ({"K": {lr,
     final_val_loss, speedup, paired, ...}}), unchanged. Folders must count budgets in one unit
     (tokens per parameter and which parameters), else their budgets would not be comparable.
     """
     ladders, units = {}, {}
-    folders = {Path(d).name: Path(d) for d in run_dirs}
-    summaries = _folder_summaries(run_dirs)
-    for name, summary in summaries.items():
+    for name, (folder, summary) in _labelled(summaries).items():
         unit = summary.get("budget_unit")
         if unit is None:
             raise ValueError(f"{name}: no budget_unit in its summary.json; give folders made with "
                              "aro bench --budgets")
         units[name] = (unit["tokens_per_parameter"], unit["which_parameters"])
-        config = json.loads((folders[name] / "config.json").read_text())["config"]
         ladders[name] = {
-            "model": config["model"],
-            "source": str(folders[name]),
+            "model": json.loads((folder / "config.json").read_text())["config"]["model"],
+            "source": str(folder),
             "budget_unit": unit,
             "optimizers": {o: {"lr": e["lr"], "budgets": e.get("budgets", {})}
                            for o, e in summary["optimizers"].items() if "lr" in e},
