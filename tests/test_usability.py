@@ -153,7 +153,7 @@ def test_cli_version_and_help(capsys):
     assert "(field" not in help_text
     for name in OPTIMIZERS:
         assert name in help_text
-    assert "{large,medium,moe-small,small,small-tied,tiny}" in help_text and "(quick: 300)" in help_text
+    assert "{large,medium,moe-small,moe-small-balanced,small,small-tied,tiny}" in help_text and "(quick: 300)" in help_text
     import dataclasses
 
     assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(BenchConfig)}

@@ -101,7 +101,7 @@ def add_budget_blocks(summary: dict, cfg: dict, chosen: dict[str, float], find: 
 
 def _slim(block: dict) -> dict:
     keep = ("seeds", "final_val_loss", "speedup", "final_loss_diff", "paired", "diverged", "step_time_s",
-            "optimizer_step_time_s")
+            "optimizer_step_time_s", "starved_experts")
     return {k: block[k] for k in keep if k in block}
 
 

@@ -6,7 +6,13 @@ GPT-2 (learned positional embedding, pre-norm blocks, optional weight tying) wit
 matrices (not fused) so that every matrix has one role in the residual stream.
 
 The MoE variant (Sigma-MoE-like) replaces the MLP with top-k routed fine-grained experts held as
-3-D tensors ``w_up [E, d, h]`` and ``w_down [E, h, d]`` and a linear ``router``.
+3-D tensors ``w_up [E, d, h]`` and ``w_down [E, h, d]`` and a linear ``router``. Without a
+balancing term, routing can collapse onto a few experts, and an expert that gets no tokens gets
+no gradient; ``balance_coef`` adds the Switch Transformer load-balancing loss
+(Fedus et al. 2022, eq. 4: ``E * sum_i f_i * P_i``, f_i the fraction of routed slots that go to
+expert i, P_i its mean router probability; 1 when balanced, up to E when collapsed) to the
+training loss, never to the reported losses. It is computed per process on the local batch, so a
+balanced model under data parallelism trains like a single process only up to that term.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "ModelConfig", "PRESETS", "build_model", "lm_loss"]
+__all__ = ["GPT", "ModelConfig", "PRESETS", "balance_loss", "build_model", "lm_loss"]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -38,6 +44,7 @@ class ModelConfig:
     n_experts: int = 0  # 0: dense MLP
     top_k: int = 2
     expert_hidden: int = 0  # per-expert hidden size (MoE only)
+    balance_coef: float = 0.0  # weight of the load-balancing loss (MoE only; 0: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +62,9 @@ PRESETS: dict[str, ModelConfig] = {
     "large": ModelConfig(d_model=384, n_layers=10, n_heads=6, seq_len=256),
     # MoE: 8 experts of hidden 128 (fine-grained: h < d), top-2, about 1.2M parameters
     "moe-small": ModelConfig(d_model=128, n_layers=4, n_heads=4, seq_len=128, n_experts=8, top_k=2, expert_hidden=128),
+    # the same with the load-balancing loss at Switch Transformer's weight, 0.01
+    "moe-small-balanced": ModelConfig(d_model=128, n_layers=4, n_heads=4, seq_len=128, n_experts=8, top_k=2,
+                                      expert_hidden=128, balance_coef=0.01),
 }
 
 
@@ -88,6 +98,17 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+def balance_loss(gates: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss ``E * sum_i f_i * P_i``.
+
+    ``gates`` [N, E] are the router probabilities, ``load`` [E] the routed slots per expert
+    (top-k: N * k in all). f carries no gradient; the loss reaches the router through P.
+    """
+    E = gates.shape[-1]
+    f = load.to(gates.dtype) / load.sum()
+    return E * (f * gates.mean(dim=0)).sum()
+
+
 class MoE(nn.Module):
     """Top-k routed experts; ``w_up[e]`` is ``d x h`` (x @ w_up[e]), ``w_down[e]`` is ``h x d``."""
 
@@ -95,9 +116,14 @@ class MoE(nn.Module):
         super().__init__()
         d, h, E = cfg.d_model, cfg.expert_hidden, cfg.n_experts
         self.top_k = cfg.top_k
+        self.balance_coef = cfg.balance_coef
         self.router = nn.Linear(d, E, bias=False)
         self.w_up = nn.Parameter(torch.empty(E, d, h))
         self.w_down = nn.Parameter(torch.empty(E, h, d))
+        # set by each forward: routed slots per expert (no gradient), and the weighted balancing
+        # loss of a training forward (None in eval mode or with balance_coef 0)
+        self.last_load: torch.Tensor | None = None
+        self.last_balance_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
@@ -105,8 +131,13 @@ class MoE(nn.Module):
         gates = self.router(flat).softmax(dim=-1)
         weights, experts = gates.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
+        E = self.w_up.shape[0]
+        self.last_load = torch.bincount(experts.flatten(), minlength=E).detach()
+        self.last_balance_loss = None
+        if self.training and self.balance_coef:
+            self.last_balance_loss = self.balance_coef * balance_loss(gates, self.last_load)
         out = torch.zeros_like(flat)
-        for e in range(self.w_up.shape[0]):
+        for e in range(E):
             token, slot = (experts == e).nonzero(as_tuple=True)
             if token.numel() == 0:
                 continue
@@ -159,6 +190,17 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(self(idx), targets)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The weighted load-balancing losses of the last training forward, summed over the
+        layers; None for a dense model or without ``balance_coef``."""
+        terms = [b.mlp.last_balance_loss for b in self.blocks
+                 if isinstance(b.mlp, MoE) and b.mlp.last_balance_loss is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def expert_load(self) -> list[torch.Tensor]:
+        """Routed slots per expert in each MoE layer during the last forward (empty if dense)."""
+        return [b.mlp.last_load for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.last_load is not None]
 
 
 def build_model(name_or_cfg: str | ModelConfig, seed: int) -> GPT:

@@ -61,6 +61,11 @@ def format_table(summary: dict) -> str:
     n = summary.get("seeds")
     text.append(f"mean±std over {n} seed(s); speedup = steps of the baseline / steps to reach its final val loss;"
                 " * = chosen lr at the edge of the grid")
+    starved = {name: e["starved_experts"] for name, e in summary["optimizers"].items() if "starved_experts" in e}
+    if starved:
+        text.append("starved experts at the end, per seed (under a tenth of an even share of the tokens, all layers): "
+                    + "; ".join(f"{name} " + "/".join("-" if v is None else str(v) for v in vals)
+                                for name, vals in starved.items()))
     if any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values()):
         text += ["", format_budget_table(summary)]
     return "\n".join(text)

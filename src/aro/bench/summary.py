@@ -109,6 +109,9 @@ def _budget_block(name, lr, steps, chosen, find) -> dict | None:
         "paired": {},
         "step_time_ratio": {},
     }
+    starved = [mine[s].get("starved_experts") for s in seeds]
+    if any(v is not None for v in starved):  # an MoE model; None for a run logged before the count existed
+        block["starved_experts"] = starved
     for base in BASELINES:
         if base not in chosen:
             continue

@@ -3,10 +3,14 @@
 Files in the run folder (all written atomically, temp file + rename):
 
 * ``metrics.jsonl`` -- one line per evaluation: ``step`` (steps done), ``val_loss``,
-  ``train_loss`` (mean since the previous line), ``lr``, ``step_times`` and ``opt_times``
-  (seconds per training step and per optimizer step, evaluation excluded);
+  ``train_loss`` (mean since the previous line; the language-model loss alone, without an MoE
+  model's balancing term), ``lr``, ``step_times`` and ``opt_times`` (seconds per training step
+  and per optimizer step, evaluation excluded), and for an MoE model ``expert_shares``: per layer,
+  the fraction of the validation batches' routed slots each expert received;
 * ``checkpoint.pt`` -- model and optimizer state after the last evaluation (removed when done);
-* ``result.json`` -- written last; its presence marks the run finished.
+* ``result.json`` -- written last; its presence marks the run finished. For an MoE model it
+  repeats the last ``expert_shares`` and counts the ``starved_experts`` (under
+  ``STARVED_FRACTION`` of an even share) in all layers.
 
 A killed run restarts from its checkpoint and loses at most one evaluation interval; batches
 are a pure function of ``(seed, step)`` and the model has no dropout, so the resumed run is
@@ -32,7 +36,7 @@ from .models import build_model, lm_loss
 from .optimizers import build_optimizers, check_mode
 from .parallel import Parallel
 
-__all__ = ["RunSpec", "lr_factor", "run_training"]
+__all__ = ["STARVED_FRACTION", "RunSpec", "lr_factor", "run_training", "starved_experts"]
 
 # Steps at the start of a process run about 2x slow (allocator, caches); timing medians skip them.
 TIMING_WARMUP_STEPS = 10
@@ -65,20 +69,44 @@ def _read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# An expert is starved when it receives under this fraction of an even share (1/E) of the routed
+# slots: with top-k routing it then sees almost no gradient.
+STARVED_FRACTION = 0.1
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list, autocast) -> float:
+def evaluate(model: torch.nn.Module, batches: list, autocast) -> tuple[float, list[list[float]]]:
+    """Mean validation loss over ``batches`` and, for an MoE model, each layer's expert shares."""
     model.eval()
     total = 0.0
+    loads: list[torch.Tensor] = []
     for x, y in batches:
         with autocast():
             total += model.loss(x, y).item()
+        batch_loads = model.expert_load()
+        loads = batch_loads if not loads else [a + b for a, b in zip(loads, batch_loads)]
     model.train()
     if hasattr(model, "reshard"):
         # FSDP2 keeps the root module's parameters unsharded after a forward (its backward
         # would follow); after a no-grad forward the next training step would then skip their
         # gradient reduction for a step. Resharding restores the state a training step expects.
         model.reshard()
-    return total / len(batches)
+    shares = [[round(v, 5) for v in (load.double() / load.sum()).tolist()] for load in loads]
+    return total / len(batches), shares
+
+
+def starved_experts(shares: list[list[float]]) -> int:
+    """How many experts, over all layers, get under ``STARVED_FRACTION`` of an even share."""
+    return sum(v < STARVED_FRACTION / len(layer) for layer in shares for v in layer)
+
+
+def _eval_line(step: int, val: tuple[float, list], train_loss, lr: float, step_times: list, opt_times: list) -> dict:
+    val_loss, shares = val
+    line = {"step": step, "val_loss": val_loss if math.isfinite(val_loss) else None, "train_loss": train_loss,
+            "lr": lr, "step_times": step_times, "opt_times": opt_times}
+    if shares:
+        line["expert_shares"] = shares
+    return line
 
 
 def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool = True,
@@ -114,8 +142,7 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         if par.is_main:
             atomic_write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in lines))
     if not lines:
-        lines = [{"step": 0, "val_loss": evaluate(model, val, autocast), "train_loss": None, "lr": 0.0,
-                  "step_times": [], "opt_times": []}]
+        lines = [_eval_line(0, evaluate(model, val, autocast), None, 0.0, [], [])]
         if par.is_main:
             atomic_write_text(metrics_path, json.dumps(lines[0]) + "\n")
 
@@ -134,7 +161,8 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         t0 = time.perf_counter()
         with autocast():
             loss = lm_loss(train_model(x), y)
-        loss.backward()
+            aux = model.aux_loss()  # an MoE model's balancing term, trained on but not reported
+        (loss if aux is None else loss + aux).backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         t1 = time.perf_counter()
@@ -154,15 +182,10 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
         if not math.isfinite(value):
             diverged = True
         if done % cfg.eval_every == 0 or done == spec.steps or diverged:
-            val_loss = evaluate(model, val, autocast)
-            line = {
-                "step": done,
-                "val_loss": val_loss if math.isfinite(val_loss) else None,
-                "train_loss": statistics.fmean(train_losses) if all(map(math.isfinite, train_losses)) else None,
-                "lr": spec.lr * factor,
-                "step_times": step_times,
-                "opt_times": opt_times,
-            }
+            evaluation = evaluate(model, val, autocast)
+            val_loss = evaluation[0]
+            train_loss = statistics.fmean(train_losses) if all(map(math.isfinite, train_losses)) else None
+            line = _eval_line(done, evaluation, train_loss, spec.lr * factor, step_times, opt_times)
             lines.append(line)
             if par.is_main:
                 with metrics_path.open("a") as fh:
@@ -205,7 +228,7 @@ def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) 
                     stats[k] = {**stats.get(k, {}), **v}
                 else:
                     stats[k] = stats.get(k, 0) + v
-    return {
+    result = {
         "spec": asdict(spec),
         "final_val_loss": None if diverged else lines[-1]["val_loss"],
         "diverged": diverged,
@@ -214,6 +237,11 @@ def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) 
         "threads": torch.get_num_threads(),  # the step times are comparable only at one thread count
         "optimizer_stats": stats,
     }
+    shares = lines[-1].get("expert_shares")
+    if shares:  # an MoE model: routing at the end
+        result["expert_shares"] = shares
+        result["starved_experts"] = starved_experts(shares)
+    return result
 
 
 def _progress(spec: RunSpec, start: int, enabled: bool):
