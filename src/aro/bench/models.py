@@ -60,7 +60,7 @@ PRESETS: dict[str, ModelConfig] = {
     "medium": ModelConfig(d_model=192, n_layers=6, n_heads=6, seq_len=128),
     # about 19M
     "large": ModelConfig(d_model=384, n_layers=10, n_heads=6, seq_len=256),
-    # MoE: 8 experts of hidden 128 (fine-grained: h < d), top-2, about 1.2M parameters
+    # MoE: 8 experts of hidden 128 (fine-grained: a quarter of the dense MLP's 4d), top-2, about 1.4M parameters
     "moe-small": ModelConfig(d_model=128, n_layers=4, n_heads=4, seq_len=128, n_experts=8, top_k=2, expert_hidden=128),
     # the same with the load-balancing loss at Switch Transformer's weight, 0.01
     "moe-small-balanced": ModelConfig(d_model=128, n_layers=4, n_heads=4, seq_len=128, n_experts=8, top_k=2,
