@@ -120,7 +120,7 @@ def training_gain(model_name: str, steps: int, lr: float, every: int = 10, seed:
                 group["lr"] = lr * lr_factor(step, steps, 0.05, 0.1)
             x, y = corpus.batch(seed, step, 16, model.cfg.seq_len)
             opt.zero_grad(set_to_none=True)
-            model.loss(x, y).backward()
+            model.train_loss(x, y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
     by_step: dict[int, list[float]] = {}

@@ -10,7 +10,7 @@ The MoE variant (Sigma-MoE-like) replaces the MLP with top-k routed fine-grained
 balancing term, routing can collapse onto a few experts, and an expert that gets no tokens gets
 no gradient; ``balance_coef`` adds the Switch Transformer load-balancing loss
 (Fedus et al. 2022, eq. 4: ``E * sum_i f_i * P_i``, f_i the fraction of routed slots that go to
-expert i, P_i its mean router probability; 1 when balanced, up to E when collapsed) to the
+expert i, P_i its mean router probability; 1 when balanced, up to E / k when collapsed) to the
 training loss, never to the reported losses. It is computed per process on the local batch, so a
 balanced model under data parallelism trains like a single process only up to that term.
 """
@@ -190,6 +190,12 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(self(idx), targets)
+
+    def train_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """What a training step differentiates: :meth:`loss` plus :meth:`aux_loss` (if any)."""
+        loss = self.loss(idx, targets)
+        aux = self.aux_loss()
+        return loss if aux is None else loss + aux
 
     def aux_loss(self) -> torch.Tensor | None:
         """The weighted load-balancing losses of the last training forward, summed over the

@@ -5,7 +5,8 @@
 
 Every rank builds the same model (same seed) and takes its slice ``rank::world`` of each
 global batch, so the global batch, and the protocol, are the ones of a single process; the
-gradient is the mean over the global batch (DDP all-reduce / FSDP2 reduce-scatter). ``ddp``
+gradient is the mean over the global batch (DDP all-reduce / FSDP2 reduce-scatter), except an
+MoE model's balancing loss, which each rank computes on its own slice. ``ddp``
 wraps the model in ``DistributedDataParallel`` and gives ``aro.ARO`` the process group, which
 splits the rotation work across ranks; ``fsdp2`` applies ``fully_shard`` to every block and to
 the model, and ``aro.ARO`` assembles whole matrices by all-to-all. Evaluation runs on every rank

@@ -238,7 +238,7 @@ def bench_train_step(preset: str, names: list[str], cases: _Cases, *, batch_size
         def step(model=model, opts=opts) -> None:
             for o in opts:
                 o.zero_grad(set_to_none=True)
-            model.loss(inputs, targets).backward()
+            model.train_loss(inputs, targets).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for o in opts:
                 o.step()

@@ -238,7 +238,7 @@ def _result(spec: RunSpec, lines: list[dict], diverged: bool, optimizers: list) 
         "optimizer_stats": stats,
     }
     shares = lines[-1].get("expert_shares")
-    if shares:  # an MoE model: routing at the end
+    if shares and not diverged:  # an MoE model: routing at the end (not of a diverged run's NaN router)
         result["expert_shares"] = shares
         result["starved_experts"] = starved_experts(shares)
     return result
