@@ -417,6 +417,29 @@ def test_update_rms_equals_rms_target_property(m, n, experts, log_scale, rho, ba
         torch.testing.assert_close(rms, torch.full_like(rms, 0.5 * rho), rtol=1e-12, atol=0)
 
 
+def test_an_expert_without_tokens_keeps_a_full_step_while_its_momentum_decays():
+    # the README's MoE note: a zero gradient leaves the momentum beta^t M, and RMS matching makes
+    # every step lr * rms_target until the momentum is exactly zero; AdamW's step fades instead
+    g = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(2, 6, 5, generator=g, dtype=torch.float64))
+    opt = aro.ARO([w], lr=0.1, weight_decay=0.0)
+    ref = nn.Parameter(w.detach()[1].clone())
+    adamw = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0)
+    adamw_steps = []
+    for t in range(40):
+        grad = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+        if t >= 5:
+            grad[1] = 0.0  # expert 1 receives no tokens from step 5 on
+        before, ref_before = w.detach().clone(), ref.detach().clone()
+        w.grad, ref.grad = grad, grad[1].clone()
+        opt.step()
+        adamw.step()
+        rms = (w.detach() - before).square().mean(dim=(-2, -1)).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 0.1 * 0.2), rtol=1e-12, atol=0)
+        adamw_steps.append(float((ref.detach() - ref_before).square().mean().sqrt()))
+    assert adamw_steps[-1] < 0.05 * adamw_steps[4]  # AdamW's step fades with m / sqrt(v) (0.9^35)
+
+
 # Frozen values of the default configuration on a fixed 8x4 problem, three steps (the float64
 # reference in tests/aro_oracle.py gives the same numbers). Do not regenerate these literals without
 # a review of why the default numerics changed.
