@@ -68,6 +68,13 @@ def test_ladder_order_and_lr_check():
     assert all(s.seed == 0 and s.steps == cfg.budget_steps(2) for s in checks)
 
 
+def test_a_budget_1_ladder_checks_only_the_lrs_it_did_not_sweep():
+    cfg = resolve("budgets", {"optimizers": ("adamw", "muon"), "budgets": (1.0,), "lr_by_optimizer": {"muon": 4e-3}})
+    specs = ladder_runs(cfg, {"adamw": 8e-3, "muon": 4e-3})
+    assert [(s.optimizer, s.lr, s.seed, s.steps) for s in specs] == [("muon", 2e-3, 0, cfg.steps),
+                                                                      ("muon", 8e-3, 0, cfg.steps)]
+
+
 # ---------------------------------------------------------------- paired statistics
 def test_t_quantile_known_values():
     assert t_quantile(2) == pytest.approx(4.302653, rel=1e-6)
@@ -186,6 +193,20 @@ def _ladder_folder(root, model, curves, tpp=TPP):
 
 CURVES = {"adamw": [5.0, 4.0, 3.0, 2.5, 2.0], "muon": [5.0, 3.5, 2.6, 2.2, 1.9],
           "aro-sinkhorn": [5.0, 3.0, 2.0, 1.9, 1.8]}
+
+
+def test_a_budget_1_ladder_with_given_lrs_reports_their_check(tmp_path):
+    out = _ladder_folder(tmp_path, "tiny", CURVES)
+    steps = json.loads((out / "config.json").read_text())["config"]["steps"]
+    write_run(out, "muon", 1e-3, 0, steps, [v + 0.05 for v in CURVES["muon"]])
+    write_run(out, "muon", 4e-3, 0, steps, [v - 0.02 for v in CURVES["muon"]])
+    muon = summarize(out)["optimizers"]["muon"]
+    one = muon["budgets"]["1"]
+    # the given lr stays the chosen one although 4e-3 did better at seed 0: the check reports it
+    assert muon["lr"] == 2e-3 and one["lr"] == 2e-3 and one["seeds"] == [0, 1]
+    assert one["lr_check"] == {"0.001": pytest.approx(1.95), "0.002": pytest.approx(1.9), "0.004": pytest.approx(1.88)}
+    assert one["lr_transfers"] is False  # twice the given lr did better
+    assert "lr_check" not in summarize(out)["optimizers"]["adamw"]["budgets"]["1"]
 
 
 def test_budget_summary_gathers_each_folders_ladder(tmp_path):

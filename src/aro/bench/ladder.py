@@ -3,7 +3,8 @@
 The protocol sweeps learning rates at budget 1 (20 tokens per parameter) and reuses each
 optimizer's chosen lr at every other budget, as the paper's Figure 1 does; at the longest budget
 the lr is checked at half and twice its value (seed 0), so a summary says whether the lr
-transferred. Runs are ordered budget by budget, then seed by seed, then optimizer by optimizer,
+transferred. A ladder of budget 1 alone needs no check for a swept lr, but does for an lr given
+without a sweep (``--lr-by-optimizer``, e.g. reused from another model). Runs are ordered budget by budget, then seed by seed, then optimizer by optimizer,
 so an interrupted ladder has finished its short budgets for every optimizer first, and a resumed
 one redoes nothing (every run folder with a ``result.json`` is read back).
 
@@ -42,9 +43,11 @@ def ladder_runs(cfg, chosen: dict[str, float]) -> list[RunSpec]:
         for seed in range(cfg.budget_seeds):
             specs += [RunSpec(name, chosen[name], seed, cfg.budget_steps(budget)) for name in cfg.optimizers]
     longest = max(cfg.budgets)
-    if longest == 1:  # the sweep at budget 1 is the check (its runs would enter the sweep)
-        return specs
     for name in cfg.optimizers:
+        if longest == 1 and len(cfg.lr_candidates(name)) > 1:
+            continue  # the sweep at budget 1 is the check
+        # a swept lr at a longer budget, or an lr given without a sweep (transferred from another
+        # model) at any budget, is checked at half and twice its value
         specs += [RunSpec(name, round_lr(chosen[name] * f), 0, cfg.budget_steps(longest)) for f in LR_CHECK_FACTORS]
     return specs
 

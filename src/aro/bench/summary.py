@@ -62,10 +62,12 @@ def summarize(out: Path, write: bool = True) -> dict:
     sweeps = {}
     for name in names:
         sweep = {r["spec"]["lr"]: r for r in find(name, seed=0, steps=base_steps)}
-        if not sweep:
+        # an lr given without a sweep stays the chosen one; other lrs at seed 0 are its lr check
+        given = cfg.get("lr") if cfg.get("lr") is not None else (cfg.get("lr_by_optimizer") or {}).get(name)
+        if not sweep or (given is not None and given not in sweep):
             continue
         sweeps[name] = {str(lr): sweep[lr]["final_val_loss"] for lr in sorted(sweep)}
-        chosen[name] = choose_lr(sweep)
+        chosen[name] = given if given is not None else choose_lr(sweep)
     budgets = sorted({r["spec"]["steps"] for r in runs})
     summary: dict[str, Any] = {"optimizers": {}, "budgets": budgets, "base_steps": base_steps, "seeds": cfg["seeds"]}
     for name in chosen:
