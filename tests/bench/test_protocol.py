@@ -36,6 +36,8 @@ def test_report_rebuilt_from_fixture_logs(tmp_path):
     assert (tmp_path / "summary.csv").read_text().startswith("optimizer,budget,lr")
     table = format_table(summary)
     assert "aro-sinkhorn" in table and "2.000" in table
+    adamw_row = next(line for line in table.splitlines() if line.startswith("adamw "))
+    assert adamw_row.split()[-5] == "-"  # no speedup of AdamW over itself (the column after the loss)
     assert summarize(tmp_path) == json.loads((tmp_path / "summary.json").read_text())
     assert main(["report", str(tmp_path)]) == 0
     # paired statistics: seed s of every optimizer is a pair; the two seeds' differences are equal
