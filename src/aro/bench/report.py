@@ -41,7 +41,8 @@ def _fmt(stat: dict | None, digits: int = 3) -> str:
 
 def format_table(summary: dict) -> str:
     """The end-of-run table: one row per optimizer at the base budget."""
-    head = ["optimizer", "lr", "final val loss", "speedup vs adamw", "speedup vs muon", "step ms", "opt ms", "step/adamw"]
+    head = ["optimizer", "lr", "final val loss", *(f"speedup vs {b}" for b in BASELINES), "step ms", "opt ms",
+            "step/adamw"]
     rows = []
     for name, e in summary["optimizers"].items():
         if "final_val_loss" not in e:
@@ -52,8 +53,7 @@ def format_table(summary: dict) -> str:
             f"{e['lr']:g}",
             _fmt(e["final_val_loss"], 4),
             # against itself the crossing metric only measures the jitter of its own curve's tail
-            _fmt(e["speedup"].get("adamw")) if name != "adamw" else "-",
-            _fmt(e["speedup"].get("muon")) if name != "muon" else "-",
+            *(_fmt(e["speedup"].get(base)) if base != name else "-" for base in BASELINES),
             f"{1e3 * e['step_time_s']:.1f}" if e.get("step_time_s") else "-",
             f"{1e3 * e['optimizer_step_time_s']:.2f}" if e.get("optimizer_step_time_s") else "-",
             f"{ratio:.3f}" if ratio else "-",
