@@ -4,9 +4,10 @@ The protocol sweeps learning rates at budget 1 (20 tokens per parameter) and reu
 optimizer's chosen lr at every other budget, as the paper's Figure 1 does; at the longest budget
 the lr is checked at half and twice its value (seed 0), so a summary says whether the lr
 transferred. A ladder of budget 1 alone needs no check for a swept lr, but does for an lr given
-without a sweep (``--lr-by-optimizer``, e.g. reused from another model). Runs are ordered budget by budget, then seed by seed, then optimizer by optimizer,
-so an interrupted ladder has finished its short budgets for every optimizer first, and a resumed
-one redoes nothing (every run folder with a ``result.json`` is read back).
+without a sweep (``--lr-by-optimizer``, e.g. reused from another model). Runs are ordered budget
+by budget, then seed by seed, then optimizer by optimizer, so an interrupted ladder has finished
+its short budgets for every optimizer first, and a resumed one redoes nothing (every run folder
+with a ``result.json`` is read back).
 
 Two speedups per budget K and baseline B:
 
