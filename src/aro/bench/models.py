@@ -200,13 +200,15 @@ class GPT(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         """The weighted load-balancing losses of the last training forward, summed over the
         layers; None for a dense model or without ``balance_coef``."""
-        terms = [b.mlp.last_balance_loss for b in self.blocks
-                 if isinstance(b.mlp, MoE) and b.mlp.last_balance_loss is not None]
+        terms = [moe.last_balance_loss for moe in self._moe_layers() if moe.last_balance_loss is not None]
         return torch.stack(terms).sum() if terms else None
 
     def expert_load(self) -> list[torch.Tensor]:
         """Routed slots per expert in each MoE layer during the last forward (empty if dense)."""
-        return [b.mlp.last_load for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.last_load is not None]
+        return [moe.last_load for moe in self._moe_layers() if moe.last_load is not None]
+
+    def _moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
 
 def build_model(name_or_cfg: str | ModelConfig, seed: int) -> GPT:
