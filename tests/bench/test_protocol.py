@@ -56,6 +56,21 @@ def test_report_rebuilt_from_fixture_logs(tmp_path):
     assert format_markdown(summary, versus="muon") == format_markdown(summary)
 
 
+def test_table_counts_finished_seeds_and_gives_no_spread_for_one(tmp_path):
+    # a ladder half way through: muon has finished one of its two seeds
+    cfg = BenchConfig(optimizers=("adamw", "muon"), steps=40, seeds=2, lr=2e-3, lr_by_optimizer={}, out=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    for seed in (0, 1):
+        write_run(tmp_path, "adamw", 2e-3, seed, 40, [5.0, 4.0, 3.0, 2.5, 2.0 + 0.1 * seed])
+    write_run(tmp_path, "muon", 2e-3, 0, 40, [5.0, 3.5, 2.6, 2.2, 1.9])
+    lines = format_table(summarize(tmp_path)).splitlines()
+    adamw = next(line.split() for line in lines if line.startswith("adamw "))
+    muon = next(line.split() for line in lines if line.startswith("muon "))
+    assert adamw[2:4] == ["2", "2.0500±0.0707"]
+    assert muon[2:4] == ["1", "1.9000"]  # one seed: no "±0.0000"
+    assert any("finished seeds (of 2 planned)" in line for line in lines)
+
+
 def test_schedule_warmup_then_cosine_to_ten_percent():
     steps = 100
     f = [lr_factor(t, steps, 0.05, 0.1) for t in range(steps)]

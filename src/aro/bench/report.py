@@ -34,15 +34,19 @@ def _plt():
 
 
 def _fmt(stat: dict | None, digits: int = 3) -> str:
+    """``mean±std``; the mean alone when the statistic has one seed (a std of 0 would read as
+    agreement between seeds)."""
     if not stat or stat.get("mean") is None:
         return "-"
+    if len(stat.get("per_seed") or ()) == 1:
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
 
 def format_table(summary: dict) -> str:
     """The end-of-run table: one row per optimizer at the base budget."""
-    head = ["optimizer", "lr", "final val loss", *(f"speedup vs {b}" for b in BASELINES), "step ms", "opt ms",
-            "step/adamw"]
+    head = ["optimizer", "lr", "seeds", "final val loss", *(f"speedup vs {b}" for b in BASELINES), "step ms",
+            "opt ms", "step/adamw"]
     rows = []
     for name, e in summary["optimizers"].items():
         if "final_val_loss" not in e:
@@ -51,6 +55,7 @@ def format_table(summary: dict) -> str:
         rows.append([
             name + (" *" if e.get("lr_at_grid_edge") else ""),
             f"{e['lr']:g}",
+            str(len(e["seeds"])),
             _fmt(e["final_val_loss"], 4),
             # against itself the crossing metric only measures the jitter of its own curve's tail
             *(_fmt(e["speedup"].get(base)) if base != name else "-" for base in BASELINES),
@@ -60,8 +65,8 @@ def format_table(summary: dict) -> str:
         ])
     text = _aligned(head, rows)
     n = summary.get("seeds")
-    text.append(f"mean±std over {n} seed(s); speedup = steps of the baseline / steps to reach its final val loss;"
-                " * = chosen lr at the edge of the grid")
+    text.append(f"mean±std over the finished seeds (of {n} planned); speedup = steps of the baseline / steps to reach"
+                " its final val loss; * = chosen lr at the edge of the grid")
     starved = {name: e["starved_experts"] for name, e in summary["optimizers"].items() if "starved_experts" in e}
     if starved:
         text.append("starved experts at the end, per seed (under a tenth of an even share of the tokens, all layers): "
