@@ -131,17 +131,26 @@ def test_smoke_bench_end_to_end_and_resume_after_a_crash(tmp_path, monkeypatch):
 @pytest.mark.parametrize("optimum,expected_extra", [(3e-3, []), (1e-2, [0.016]), (1e-4, [5e-4, 2.5e-4]),
                                                     (1.0, [0.016, 0.032])])
 def test_sweep_is_extended_beyond_an_edge_optimum_at_most_twice(optimum, expected_extra):
-    from aro.bench.protocol import _bracket_optimum
+    import math
 
-    def loss(lr):  # a bowl in log(lr) with its minimum at `optimum`
-        import math
+    from aro.bench.protocol import _sweep
 
-        return {"final_val_loss": (math.log(lr) - math.log(optimum)) ** 2}
+    # muon's bowl has its minimum at `optimum`, adamw's inside the grid: each is extended on its own
+    optima = {"muon": optimum, "adamw": 3e-3}
+    cfg = BenchConfig(optimizers=("adamw", "muon"), lr_grid=(1e-3, 2e-3, 4e-3, 8e-3), lr_by_optimizer={})
+    batches = []
 
-    by_lr = {lr: loss(lr) for lr in (1e-3, 2e-3, 4e-3, 8e-3)}
-    ran = []
-    _bracket_optimum(by_lr, lambda lr: ran.append(lr) or loss(lr))
-    assert ran == expected_extra
+    def train_all(specs):
+        batches.append(specs)
+        return [{"final_val_loss": (math.log(s.lr) - math.log(optima[s.optimizer])) ** 2} for s in specs]
+
+    chosen = _sweep(cfg, train_all)
+    assert [s.lr for s in batches[0]] == [1e-3, 1e-3, 2e-3, 2e-3, 4e-3, 4e-3, 8e-3, 8e-3]  # interleaved
+    extra = [s for batch in batches[1:] for s in batch]
+    assert [s.lr for s in extra] == expected_extra and all(s.optimizer == "muon" and s.seed == 0 for s in extra)
+    assert all(len(batch) == 1 for batch in batches[1:])  # one extension per round
+    assert chosen["adamw"] == 4e-3  # log-distance 0.29 beats 2e-3's 0.41
+    assert chosen["muon"] == min([1e-3, 2e-3, 4e-3, 8e-3] + expected_extra, key=lambda lr: abs(math.log(lr / optimum)))
 
 
 def test_folder_made_before_a_field_existed_resumes(tmp_path):

@@ -54,7 +54,8 @@ class BenchConfig:
     budgets: tuple[float, ...] = ()
     budget_seeds: int = 2  # seeds at every budget but 1 (which runs `seeds`)
     tokens_per_parameter: float = 20.0  # one budget unit (Chinchilla's compute-optimal ratio)
-    threads: int = 0  # torch threads; 0 keeps torch's default
+    threads: int = 0  # torch threads per process; 0: torch's default (with jobs > 1: cores / jobs)
+    jobs: int = 1  # runs trained at once, each in its own process (aro.bench.jobs)
     out: str | None = None  # run folder; default runs/bench-<preset>
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class BenchConfig:
                     "every optimizer gets the same number of lr points"
                 )
         positive = {"steps": self.steps, "batch_size": self.batch_size, "seeds": self.seeds, "eval_every": self.eval_every,
-                    "eval_batches": self.eval_batches}
+                    "eval_batches": self.eval_batches, "jobs": self.jobs}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -239,7 +240,8 @@ FIELD_HELP = {
     "budgets": "comma-separated budgets in units of --tokens-per-parameter tokens per parameter (must include 1)",
     "budget_seeds": "seeds at every budget but 1",
     "tokens_per_parameter": "one budget unit: tokens per parameter (Chinchilla's 20)",
-    "threads": "torch threads per process (0: torch's default)",
+    "threads": "torch threads per process (0: torch's default; with --jobs N, the cores divided by N)",
+    "jobs": "runs trained at once, each in its own process (e.g. 2 on 2 cores, one thread each)",
     "out": "run folder (default runs/bench-<preset>); a rerun resumes it",
 }
 

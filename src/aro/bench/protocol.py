@@ -16,6 +16,7 @@ Everything in ``summary.json`` is computed from the run logs by
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from .config import BenchConfig
 from .data import load_corpus
 from .environment import environment_info
 from .files import atomic_write_text
+from .jobs import RunPool
 from .ladder import ladder_runs, round_lr
 from .optimizers import check_mode
 from .parallel import Parallel
@@ -43,7 +45,7 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 _EXTENDABLE = ("optimizers", "lr_grid_by_optimizer", "lr_by_optimizer")
 # Fields that change how runs execute, not what they compute: two processes of one thread each
 # may resume a folder that was started with the default thread count.
-_EXECUTION = ("out", "threads")
+_EXECUTION = ("out", "threads", "jobs")
 
 
 def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel()) -> dict:
@@ -76,10 +78,14 @@ def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel(
 def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Parallel()) -> dict:
     """Run (or resume) the whole protocol and write ``summary.json``/``summary.csv``/figures.
 
-    Under data parallelism every rank calls this (see :mod:`aro.bench.parallel`).
+    Under data parallelism every rank calls this (see :mod:`aro.bench.parallel`); with
+    ``cfg.jobs`` > 1 independent runs train in worker processes (:mod:`aro.bench.jobs`).
     """
     for name in cfg.optimizers:  # before anything is trained
         check_mode(name, par.mode)
+    if cfg.jobs > 1 and par.mode != "none":
+        raise ValueError(f"--jobs {cfg.jobs} with --parallel {par.mode}: the data-parallel ranks already use the "
+                         "processes; give one of them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     corpus = load_corpus(cfg.data)
@@ -87,34 +93,43 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
         _write_config(cfg, corpus.describe(), par)
     par.barrier()
     out = cfg.out_dir
-
-    def run(spec: RunSpec) -> dict:
-        return run_training(cfg, spec, corpus, run_dir(out, spec), progress=progress, par=par)
-
-    grids = {name: cfg.lr_candidates(name) for name in cfg.optimizers}
-    results: dict[str, dict[float, dict]] = {name: {} for name in cfg.optimizers}
-    for i in range(max(len(g) for g in grids.values())):
-        for name in cfg.optimizers:
-            if i < len(grids[name]):
-                lr = grids[name][i]
-                results[name][lr] = run(RunSpec(name, lr, 0, cfg.steps))
-    for name in cfg.optimizers:
-        if len(grids[name]) > 1:
-            _bracket_optimum(results[name], lambda lr, name=name: run(RunSpec(name, lr, 0, cfg.steps)))
-    chosen = {name: choose_lr(results[name]) for name in cfg.optimizers}
-    for k in sorted(cfg.overtrain):
-        for seed in range(cfg.seeds):
-            for name in cfg.optimizers:
-                if k == 1 and seed == 0:
-                    continue
-                run(RunSpec(name, chosen[name], seed, k * cfg.steps))
-    for spec in ladder_runs(cfg, chosen):
-        run(spec)
+    with ExitStack() as stack:
+        if cfg.jobs > 1:
+            pool = stack.enter_context(RunPool(cfg, lambda spec: run_dir(out, spec)))
+            train_all = pool.train_all
+        else:
+            def train_all(specs: list[RunSpec]) -> list[dict]:
+                return [run_training(cfg, s, corpus, run_dir(out, s), progress=progress, par=par) for s in specs]
+        chosen = _sweep(cfg, train_all)
+        later = [RunSpec(name, chosen[name], seed, k * cfg.steps) for k in sorted(cfg.overtrain)
+                 for seed in range(cfg.seeds) for name in cfg.optimizers if not (k == 1 and seed == 0)]
+        train_all(later + ladder_runs(cfg, chosen))
     par.barrier()
     summary = summarize(out, write=par.is_main)
     if par.is_main:
         write_report(out, summary)
     return summary
+
+
+def _sweep(cfg: BenchConfig, train_all) -> dict[str, float]:
+    """Steps 1-2: every optimizer's grid at seed 0 (interleaved lr by lr), its extensions, the
+    chosen lrs."""
+    grids = {name: cfg.lr_candidates(name) for name in cfg.optimizers}
+    results: dict[str, dict[float, dict]] = {name: {} for name in cfg.optimizers}
+
+    def train(specs: list[RunSpec]) -> None:
+        for spec, result in zip(specs, train_all(specs)):
+            results[spec.optimizer][spec.lr] = result
+
+    train([RunSpec(name, grids[name][i], 0, cfg.steps) for i in range(max(map(len, grids.values())))
+           for name in cfg.optimizers if i < len(grids[name])])
+    for _ in range(MAX_GRID_EXTENSIONS):  # one round extends every optimizer whose best lr is on an edge
+        extend = {name: _next_lr(results[name]) for name in cfg.optimizers if len(grids[name]) > 1}
+        specs = [RunSpec(name, lr, 0, cfg.steps) for name, lr in extend.items() if lr is not None]
+        if not specs:
+            break
+        train(specs)
+    return {name: choose_lr(results[name]) for name in cfg.optimizers}
 
 
 # A sweep whose best lr lies on an edge of its grid is extended by factors of 2 beyond that
@@ -123,14 +138,12 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
 MAX_GRID_EXTENSIONS = 2
 
 
-def _bracket_optimum(by_lr: dict[float, dict], run_at) -> None:
-    for _ in range(MAX_GRID_EXTENSIONS):
-        grid = sorted(by_lr)
-        best = choose_lr(by_lr)
-        if best == grid[-1]:
-            lr = round_lr(grid[-1] * 2)
-        elif best == grid[0]:
-            lr = round_lr(grid[0] / 2)
-        else:
-            return
-        by_lr[lr] = run_at(lr)
+def _next_lr(by_lr: dict[float, dict]) -> float | None:
+    """The grid's next point beyond the edge its best lr lies on (x2 or /2); None when bracketed."""
+    grid = sorted(by_lr)
+    best = choose_lr(by_lr)
+    if best == grid[-1]:
+        return round_lr(grid[-1] * 2)
+    if best == grid[0]:
+        return round_lr(grid[0] / 2)
+    return None

@@ -161,7 +161,7 @@ def _paired_vs(summary: dict, name: str, other: str, pool: dict[str, dict] | Non
 # at which lrs, budgets and seed counts, and how the processes ran; everything else (model, data,
 # steps, batch, schedule, evaluation) fixes the initial weights and the data order of a seed
 PAIRING_FREE = frozenset({"optimizers", "lr", "lr_grid", "lr_grid_by_optimizer", "lr_by_optimizer", "budgets",
-                          "budget_seeds", "overtrain", "seeds", "out", "threads", "parallel"})
+                          "budget_seeds", "overtrain", "seeds", "out", "threads", "jobs", "parallel"})
 
 
 def pairing_pool(configs: dict[str, dict], summaries: dict[str, dict]) -> dict[str, dict]:

@@ -8,6 +8,7 @@ Files in the run folder (all written atomically, temp file + rename):
   and per optimizer step, evaluation excluded), and for an MoE model ``expert_shares``: per layer,
   the fraction of the validation batches' routed slots each expert received;
 * ``checkpoint.pt`` -- model and optimizer state after the last evaluation (removed when done);
+* ``.lock`` -- held (``flock``) by the process training the run;
 * ``result.json`` -- written last; its presence marks the run finished. For an MoE model it
   repeats the last ``expert_shares`` and counts the ``starved_experts`` (under
   ``STARVED_FRACTION`` of an even share) in all layers.
@@ -31,12 +32,12 @@ import torch
 
 from .config import BenchConfig
 from .data import Corpus
-from .files import atomic_save, atomic_write_text
+from .files import atomic_save, atomic_write_text, run_lock
 from .models import build_model, lm_loss
 from .optimizers import build_optimizers, check_mode
 from .parallel import Parallel
 
-__all__ = ["STARVED_FRACTION", "RunSpec", "lr_factor", "run_training", "starved_experts"]
+__all__ = ["STARVED_FRACTION", "RunSpec", "finished_result", "lr_factor", "run_training", "starved_experts"]
 
 # Steps at the start of a process run about 2x slow (allocator, caches); timing medians skip them.
 TIMING_WARMUP_STEPS = 10
@@ -109,15 +110,33 @@ def _eval_line(step: int, val: tuple[float, list], train_loss, lr: float, step_t
     return line
 
 
+def finished_result(run_dir: Path) -> dict | None:
+    """The run's ``result.json``, or None while it is unfinished."""
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool = True,
                  par: Parallel = Parallel()) -> dict:
     """Train (or resume, or just read back) one run; returns the content of ``result.json``.
 
-    Under data parallelism (``par``) every rank calls this; only rank 0 writes files.
+    Under data parallelism (``par``) every rank calls this; only rank 0 writes files. A single
+    process holds the run folder's lock (:func:`aro.bench.files.run_lock`) while it trains, so
+    a second process on the same run stops with an error instead of corrupting it; ranks of one
+    data-parallel run do not lock (an error on rank 0 would leave the others at a barrier).
     """
+    done = finished_result(run_dir)
+    if done is not None:
+        return done
+    with run_lock(run_dir) if par.world == 1 else nullcontext():
+        done = finished_result(run_dir)  # finished by the process that held the lock
+        if done is not None:
+            return done
+        return _train(cfg, spec, corpus, run_dir, progress, par)
+
+
+def _train(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool, par: Parallel) -> dict:
     result_path, metrics_path, ckpt_path = run_dir / "result.json", run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
     if par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % par.world:

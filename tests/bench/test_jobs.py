@@ -1,0 +1,73 @@
+"""``aro bench --jobs N``: runs in worker processes give the runs of one process; the run lock."""
+
+import json
+
+import pytest
+
+from aro.bench.cli import main
+from aro.bench.config import BenchConfig, resolve
+from aro.bench.data import load_corpus
+from aro.bench.files import RunFolderBusy, run_lock
+from aro.bench.jobs import threads_per_job
+from aro.bench.train import RunSpec, run_training
+
+# two optimizers, two seeds: 4 runs (the sweep's rounds are tested on _sweep in test_protocol.py)
+ARGS = ["bench", "--preset", "smoke", "--optimizers", "adamw,aro-sinkhorn", "--lr-grid", "0.004", "--seeds", "2",
+        "--threads", "1", "--no-progress"]
+
+
+def _results(out):
+    return {d.name: json.loads((d / "result.json").read_text()) for d in (out / "runs").iterdir()}
+
+
+def test_jobs_train_the_runs_one_process_trains(tmp_path, capsys):
+    assert main(ARGS + ["--out", str(tmp_path / "one")]) == 0
+    assert main(ARGS + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) == 4
+    for name in one:  # bit for bit: weights and batches depend on the seed, not on the process
+        assert two[name]["final_val_loss"] == one[name]["final_val_loss"], name
+        assert two[name]["threads"] == 1
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert {n: e["lr"] for n, e in s1["optimizers"].items()} == {n: e["lr"] for n, e in s2["optimizers"].items()}
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 4 and all("final val loss" in line for line in lines)  # one line per run a worker trained
+    # resuming reads every finished run back without a worker; a changed --jobs is no new protocol
+    stamps = {d.name: (d / "result.json").stat().st_mtime_ns for d in (tmp_path / "two" / "runs").iterdir()}
+    assert main(ARGS + ["--out", str(tmp_path / "two"), "--jobs", "3"]) == 0
+    assert stamps == {d.name: (d / "result.json").stat().st_mtime_ns for d in (tmp_path / "two" / "runs").iterdir()}
+    assert "[1/" not in capsys.readouterr().out
+
+
+def test_an_error_in_a_worker_stops_the_bench_and_names_the_run(tmp_path, capsys):
+    out = tmp_path / "busy"
+    held = out / "runs" / "aro-sinkhorn__lr0.004__seed0__steps12"
+    with run_lock(held):  # as if another invocation were training this run
+        assert main(ARGS + ["--out", str(out), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert str(held) in err and "another process" in err and "--jobs" in err
+    assert not (held / "result.json").exists()
+
+
+def test_a_second_process_on_a_run_folder_is_refused(tmp_path):
+    cfg = resolve("smoke", {"out": str(tmp_path), "steps": 2})
+    spec = RunSpec("adamw", 2e-3, 0, 2)
+    with run_lock(tmp_path / spec.name):
+        with pytest.raises(RunFolderBusy, match="being trained by another process"):
+            run_training(cfg, spec, load_corpus(None), tmp_path / spec.name, progress=False)
+    # released: the run trains, and once finished it is read back even while its lock is held
+    result = run_training(cfg, spec, load_corpus(None), tmp_path / spec.name, progress=False)
+    with run_lock(tmp_path / spec.name):
+        assert run_training(cfg, spec, load_corpus(None), tmp_path / spec.name, progress=False) == result
+
+
+def test_jobs_need_one_process_per_run_and_share_the_cores(tmp_path):
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        resolve("smoke", {"jobs": 0})
+    assert threads_per_job(BenchConfig(jobs=2, threads=3)) == 3
+    assert threads_per_job(BenchConfig(jobs=10**6)) == 1
+    from aro.bench.parallel import Parallel
+    from aro.bench.protocol import run_benchmark
+
+    with pytest.raises(ValueError, match="--jobs 2 with --parallel ddp"):
+        run_benchmark(resolve("smoke", {"jobs": 2, "out": str(tmp_path)}), par=Parallel(mode="ddp"))
