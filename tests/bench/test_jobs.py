@@ -49,6 +49,27 @@ def test_an_error_in_a_worker_stops_the_bench_and_names_the_run(tmp_path, capsys
     assert not (held / "result.json").exists()
 
 
+def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path):
+    import threading
+
+    from aro.bench.jobs import RunPool
+
+    cfg = resolve("smoke", {"out": str(tmp_path), "jobs": 2, "threads": 1})
+    specs = [RunSpec("adamw", 2e-3, seed, 12) for seed in (0, 1)]
+    with RunPool(cfg, lambda spec: tmp_path / spec.name, say=lambda line: None) as pool:
+        def kill_first_worker():  # as the OOM killer would, while it is still starting
+            while not pool._running:
+                pass
+            next(iter(pool._running)).kill()
+
+        killer = threading.Thread(target=kill_first_worker)
+        killer.start()
+        with pytest.raises(RuntimeError, match=r"exit code -9 and no result"):
+            pool.train_all(specs)
+        killer.join()
+    assert not pool._running  # the other worker was stopped
+
+
 def test_a_second_process_on_a_run_folder_is_refused(tmp_path):
     cfg = resolve("smoke", {"out": str(tmp_path), "steps": 2})
     spec = RunSpec("adamw", 2e-3, 0, 2)

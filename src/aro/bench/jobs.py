@@ -1,22 +1,26 @@
 """Independent runs at once (``aro bench --jobs N``): each run trains in its own process.
 
-On a CPU one training process with one thread uses one core better than two threads do, so a
-2-core machine trains two runs at once, one thread each (README "Speedup against training
-budget"). The protocol hands over runs that do not depend on each other (the sweep; one round
-of grid extensions; the seeds and budgets at the chosen lrs) and gets their results back in
-the order given. A run's result does not depend on where it ran: weights and batches are
-functions of the seed alone, and each worker uses the thread count a single process would be
-given (``--threads``, else the cores divided by ``--jobs``).
+On a CPU, two single-threaded runs keep two cores busy, which is how the budget ladders ran
+(README "Speedup against training budget"). The protocol hands over runs that do not depend on
+each other (the sweep; one round of grid extensions; the seeds and budgets at the chosen lrs)
+and gets their results back in the order given. A run's result does not depend on where it
+ran: weights and batches are functions of the seed alone, and each worker uses the thread count
+a single process would be given (``--threads``, else the cores divided by ``--jobs``).
 
-Workers are spawned (never forked: a forked child inherits the parent's torch thread pools),
-one fresh process per run; finished runs are read back without one. An error in any run stops
-the others (they resume from their last evaluation on the next invocation) and is raised here.
+Each run gets a fresh spawned process (never forked: a forked child inherits the parent's torch
+thread pools) that writes the run folder as a single process would; the parent reads the
+result back from ``result.json``. Finished runs are read back without a process. A worker that
+fails, or dies (e.g. killed for memory), stops the others (they resume from their last
+evaluation on the next invocation) and raises here, naming the run: a pool that waited for the
+result of a dead worker would wait forever.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable
 
@@ -34,43 +38,89 @@ def threads_per_job(cfg: BenchConfig) -> int:
     return max(1, cores // cfg.jobs)
 
 
-def _train_in_worker(task: tuple[int, BenchConfig, RunSpec, str, int]) -> tuple[int, dict]:
-    index, cfg, spec, run_dir, threads = task
-    import torch
+def _worker(cfg: BenchConfig, spec: RunSpec, run_dir: str, threads: int, errors) -> None:
+    """One run in a worker process; an exception's type and message go back through ``errors``."""
+    try:
+        import torch
 
-    from .data import load_corpus
-    from .train import run_training
+        from .data import load_corpus
+        from .train import run_training
 
-    torch.set_num_threads(threads)
-    return index, run_training(cfg, spec, load_corpus(cfg.data), Path(run_dir), progress=False)
+        torch.set_num_threads(threads)
+        run_training(cfg, spec, load_corpus(cfg.data), Path(run_dir), progress=False)
+    except BaseException as exc:
+        errors.send((type(exc).__name__, isinstance(exc, ValueError), str(exc)))
+        raise
+    finally:
+        errors.close()
 
 
 class RunPool:
-    """``cfg.jobs`` worker processes; :meth:`train_all` trains a list of independent runs.
+    """Up to ``cfg.jobs`` runs at once; :meth:`train_all` trains a list of independent runs.
 
-    Use as a context manager: leaving it stops the workers.
+    Use as a context manager: leaving it (also by an error) stops the workers still running.
     """
 
     def __init__(self, cfg: BenchConfig, run_dir: Callable[[RunSpec], Path], say: Callable[[str], None] = print):
         self._cfg, self._run_dir, self._say = cfg, run_dir, say
         self._threads = threads_per_job(cfg)
-        self._pool = multiprocessing.get_context("spawn").Pool(cfg.jobs, maxtasksperchild=1)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._running: dict = {}  # process -> (index, spec, the end of its error pipe)
 
     def __enter__(self) -> "RunPool":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._pool.terminate()  # after train_all returned nothing is running; after an error, stop
-        self._pool.join()
+        for process in self._running:
+            process.terminate()
+        for process in self._running:
+            process.join()
+        self._running.clear()
 
     def train_all(self, specs: list[RunSpec]) -> list[dict]:
-        """Train ``specs`` (at most ``cfg.jobs`` at once, started in the given order); their
+        """Train ``specs``, at most ``cfg.jobs`` at once, started in the given order; their
         results in that order."""
         results: list[dict | None] = [finished_result(self._run_dir(spec)) for spec in specs]
-        tasks = [(i, self._cfg, spec, str(self._run_dir(spec)), self._threads)
-                 for i, spec in enumerate(specs) if results[i] is None]
-        for done, (i, result) in enumerate(self._pool.imap_unordered(_train_in_worker, tasks), 1):
-            results[i] = result
-            loss = "diverged" if result["diverged"] else f"final val loss {result['final_val_loss']:.4f}"
-            self._say(f"[{done}/{len(tasks)}] {specs[i].name}: {loss}")
+        todo = deque(i for i, r in enumerate(results) if r is None)
+        total, done = len(todo), 0
+        while todo or self._running:
+            while todo and len(self._running) < self._cfg.jobs:
+                self._start(todo.popleft(), specs)
+            by_sentinel = {p.sentinel: p for p in self._running}
+            for sentinel in wait(list(by_sentinel)):
+                index, spec = self._collect(by_sentinel[sentinel])
+                results[index] = finished_result(self._run_dir(spec))
+                done += 1
+                r = results[index]
+                self._say(f"[{done}/{total}] {spec.name}: "
+                          + ("diverged" if r["diverged"] else f"final val loss {r['final_val_loss']:.4f}"))
         return results  # type: ignore[return-value]
+
+    def _start(self, index: int, specs: list[RunSpec]) -> None:
+        spec = specs[index]
+        reader, writer = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=_worker, name=f"aro-run-{spec.name}", daemon=True,
+                                    args=(self._cfg, spec, str(self._run_dir(spec)), self._threads, writer))
+        process.start()
+        writer.close()  # the child holds the only writing end: a dead child reads as end of file
+        self._running[process] = (index, spec, reader)
+
+    def _collect(self, process) -> tuple[int, RunSpec]:
+        """The index and spec of a worker that exited; an error if the run did not finish."""
+        process.join()
+        index, spec, reader = self._running.pop(process)
+        try:
+            error = reader.recv() if reader.poll() else None
+        except EOFError:  # the child closed its end without sending: no exception
+            error = None
+        reader.close()
+        if error is not None:
+            name, is_value_error, message = error
+            if is_value_error:  # bad input or a busy run folder: the CLI's one-line error
+                raise ValueError(f"run {spec.name}: {message}")
+            raise RuntimeError(f"run {spec.name} failed in its worker process: {name}: {message}")
+        if process.exitcode != 0 or finished_result(self._run_dir(spec)) is None:
+            raise RuntimeError(f"run {spec.name}: its worker process ended with exit code {process.exitcode} and no "
+                               "result (a negative code is the signal that killed it, e.g. -9 when out of memory); "
+                               "the other runs were stopped; the same command resumes every run")
+        return index, spec
