@@ -51,6 +51,7 @@ def test_an_error_in_a_worker_stops_the_bench_and_names_the_run(tmp_path, capsys
 
 def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path):
     import threading
+    import time
 
     from aro.bench.jobs import RunPool
 
@@ -58,9 +59,14 @@ def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path):
     specs = [RunSpec("adamw", 2e-3, seed, 12) for seed in (0, 1)]
     with RunPool(cfg, lambda spec: tmp_path / spec.name, say=lambda line: None) as pool:
         def kill_first_worker():  # as the OOM killer would, while it is still starting
-            while not pool._running:
-                pass
-            next(iter(pool._running)).kill()
+            while True:
+                try:
+                    started = list(pool._running)
+                except RuntimeError:  # the main thread added a worker meanwhile
+                    continue
+                if started:
+                    return started[0].kill()
+                time.sleep(0.001)
 
         killer = threading.Thread(target=kill_first_worker)
         killer.start()
