@@ -1,6 +1,7 @@
 """``aro bench --jobs N``: runs in worker processes give the runs of one process; the run lock."""
 
 import json
+import signal
 
 import pytest
 
@@ -57,6 +58,8 @@ def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path):
 
     cfg = resolve("smoke", {"out": str(tmp_path), "jobs": 2, "threads": 1})
     specs = [RunSpec("adamw", 2e-3, seed, 12) for seed in (0, 1)]
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("train_all waited for a dead worker"))
+    signal.alarm(120)
     with RunPool(cfg, lambda spec: tmp_path / spec.name, say=lambda line: None) as pool:
         def kill_first_worker():  # as the OOM killer would, while it is still starting
             while True:
@@ -73,7 +76,20 @@ def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path):
         with pytest.raises(RuntimeError, match=r"exit code -9 and no result"):
             pool.train_all(specs)
         killer.join()
+    signal.alarm(0)
     assert not pool._running  # the other worker was stopped
+
+
+def test_one_worker_per_run_folder_even_when_a_run_is_listed_twice(tmp_path):
+    from aro.bench.jobs import RunPool
+
+    cfg = resolve("smoke", {"out": str(tmp_path), "jobs": 2, "threads": 1})
+    spec = RunSpec("adamw", 2e-3, 0, 4)
+    lines = []
+    with RunPool(cfg, lambda s: tmp_path / s.name, say=lines.append) as pool:
+        first, again = pool.train_all([spec, spec])
+    assert first == again and first["spec"]["steps"] == 4
+    assert len(lines) == 1 and lines[0].startswith("[1/1] adamw__lr0.002__seed0__steps4")
 
 
 def test_a_second_process_on_a_run_folder_is_refused(tmp_path):
@@ -98,3 +114,42 @@ def test_jobs_need_one_process_per_run_and_share_the_cores(tmp_path):
 
     with pytest.raises(ValueError, match="--jobs 2 with --parallel ddp"):
         run_benchmark(resolve("smoke", {"jobs": 2, "out": str(tmp_path)}), par=Parallel(mode="ddp"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/status").read().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # an exited child nobody has reaped yet is not running
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux")
+def test_workers_die_with_a_killed_bench(tmp_path):
+    """A killed `aro bench --jobs` leaves no orphaned run training on (and holding its lock)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    argv = [sys.executable, "-m", "aro.bench.cli", "bench", "--preset", "smoke", "--optimizers", "adamw",
+            "--lr-grid", "0.002,0.004", "--steps", "100000", "--eval-every", "1000", "--jobs", "2", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    parent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(children) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        children = [int(p) for t in Path(f"/proc/{parent.pid}/task").iterdir()
+                    for p in (t / "children").read_text().split()
+                    if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]  # not the resource tracker
+    assert len(children) == 2, "the bench did not start its two workers"
+    locks = [tmp_path / "runs" / f"adamw__lr{lr}__seed0__steps100000" / ".lock" for lr in ("0.002", "0.004")]
+    while not all(lock.exists() for lock in locks) and time.monotonic() < deadline:
+        time.sleep(0.2)  # both workers are training (the lock is taken after the exit signal is set)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while any(map(_alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, children))

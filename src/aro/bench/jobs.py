@@ -12,13 +12,18 @@ thread pools) that writes the run folder as a single process would; the parent r
 result back from ``result.json``. Finished runs are read back without a process. A worker that
 fails, or dies (e.g. killed for memory), stops the others (they resume from their last
 evaluation on the next invocation) and raises here, naming the run: a pool that waited for the
-result of a dead worker would wait forever.
+result of a dead worker would wait forever. Workers do not outlive ``aro bench``: SIGTERM exits
+it through the pool's cleanup, and on Linux a worker asks the kernel for SIGTERM when its parent
+dies (even by SIGKILL), so no orphan trains on holding its run folder's lock.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 from collections import deque
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -38,9 +43,27 @@ def threads_per_job(cfg: BenchConfig) -> int:
     return max(1, cores // cfg.jobs)
 
 
+# An error message goes back through a pipe that the parent reads only once the worker has
+# exited; a message larger than the pipe's buffer (64 KiB on Linux) would block the worker.
+MAX_MESSAGE = 4000
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this process SIGTERM when the parent dies, so a killed ``aro bench``
+    leaves no orphaned run holding its folder's lock (elsewhere the parent's exit handler stops it)."""
+    import ctypes
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != multiprocessing.parent_process().pid:  # it died before the call
+            sys.exit(1)
+
+
 def _worker(cfg: BenchConfig, spec: RunSpec, run_dir: str, threads: int, errors) -> None:
     """One run in a worker process; an exception's type and message go back through ``errors``."""
     try:
+        _die_with_parent()
         import torch
 
         from .data import load_corpus
@@ -49,7 +72,7 @@ def _worker(cfg: BenchConfig, spec: RunSpec, run_dir: str, threads: int, errors)
         torch.set_num_threads(threads)
         run_training(cfg, spec, load_corpus(cfg.data), Path(run_dir), progress=False)
     except BaseException as exc:
-        errors.send((type(exc).__name__, isinstance(exc, ValueError), str(exc)))
+        errors.send((type(exc).__name__, isinstance(exc, ValueError), str(exc)[:MAX_MESSAGE]))
         raise
     finally:
         errors.close()
@@ -68,6 +91,10 @@ class RunPool:
         self._running: dict = {}  # process -> (index, spec, the end of its error pipe)
 
     def __enter__(self) -> "RunPool":
+        # SIGTERM (a scheduler stopping the job) exits through __exit__, which stops the workers
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,12 +103,17 @@ class RunPool:
         for process in self._running:
             process.join()
         self._running.clear()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
 
     def train_all(self, specs: list[RunSpec]) -> list[dict]:
         """Train ``specs``, at most ``cfg.jobs`` at once, started in the given order; their
         results in that order."""
-        results: list[dict | None] = [finished_result(self._run_dir(spec)) for spec in specs]
-        todo = deque(i for i, r in enumerate(results) if r is None)
+        folders = [self._run_dir(spec) for spec in specs]
+        finished = {folder: finished_result(folder) for folder in folders}
+        # one worker per folder: specs that name the same run (e.g. an optimizer listed twice)
+        # would otherwise meet at the folder's lock
+        todo = deque(i for i, folder in enumerate(folders) if finished[folder] is None and folders.index(folder) == i)
         total, done = len(todo), 0
         while todo or self._running:
             while todo and len(self._running) < self._cfg.jobs:
@@ -89,12 +121,11 @@ class RunPool:
             by_sentinel = {p.sentinel: p for p in self._running}
             for sentinel in wait(list(by_sentinel)):
                 index, spec = self._collect(by_sentinel[sentinel])
-                results[index] = finished_result(self._run_dir(spec))
+                r = finished[folders[index]] = finished_result(folders[index])
                 done += 1
-                r = results[index]
                 self._say(f"[{done}/{total}] {spec.name}: "
                           + ("diverged" if r["diverged"] else f"final val loss {r['final_val_loss']:.4f}"))
-        return results  # type: ignore[return-value]
+        return [finished[folder] for folder in folders]  # type: ignore[misc]
 
     def _start(self, index: int, specs: list[RunSpec]) -> None:
         spec = specs[index]

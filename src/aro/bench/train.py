@@ -32,7 +32,7 @@ import torch
 
 from .config import BenchConfig
 from .data import Corpus
-from .files import atomic_save, atomic_write_text, run_lock
+from .files import RunFolderBusy, atomic_save, atomic_write_text, run_lock
 from .models import build_model, lm_loss
 from .optimizers import build_optimizers, check_mode
 from .parallel import Parallel
@@ -128,11 +128,17 @@ def run_training(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path,
     done = finished_result(run_dir)
     if done is not None:
         return done
-    with run_lock(run_dir) if par.world == 1 else nullcontext():
-        done = finished_result(run_dir)  # finished by the process that held the lock
+    try:
+        with run_lock(run_dir) if par.world == 1 else nullcontext():
+            done = finished_result(run_dir)  # finished by the process that held the lock
+            if done is not None:
+                return done
+            return _train(cfg, spec, corpus, run_dir, progress, par)
+    except RunFolderBusy:
+        done = finished_result(run_dir)  # the holder had written result.json but not yet let go
         if done is not None:
             return done
-        return _train(cfg, spec, corpus, run_dir, progress, par)
+        raise
 
 
 def _train(cfg: BenchConfig, spec: RunSpec, corpus: Corpus, run_dir: Path, progress: bool, par: Parallel) -> dict:
