@@ -120,8 +120,8 @@ class RunPool:
                 self._start(todo.popleft(), specs)
             by_sentinel = {p.sentinel: p for p in self._running}
             for sentinel in wait(list(by_sentinel)):
-                index, spec = self._collect(by_sentinel[sentinel])
-                r = finished[folders[index]] = finished_result(folders[index])
+                index, spec, r = self._collect(by_sentinel[sentinel])
+                finished[folders[index]] = r
                 done += 1
                 self._say(f"[{done}/{total}] {spec.name}: "
                           + ("diverged" if r["diverged"] else f"final val loss {r['final_val_loss']:.4f}"))
@@ -136,8 +136,8 @@ class RunPool:
         writer.close()  # the child holds the only writing end: a dead child reads as end of file
         self._running[process] = (index, spec, reader)
 
-    def _collect(self, process) -> tuple[int, RunSpec]:
-        """The index and spec of a worker that exited; an error if the run did not finish."""
+    def _collect(self, process) -> tuple[int, RunSpec, dict]:
+        """The index, spec and result of a worker that exited; an error if the run did not finish."""
         process.join()
         index, spec, reader = self._running.pop(process)
         try:
@@ -150,8 +150,9 @@ class RunPool:
             if is_value_error:  # bad input or a busy run folder: the CLI's one-line error
                 raise ValueError(f"run {spec.name}: {message}")
             raise RuntimeError(f"run {spec.name} failed in its worker process: {name}: {message}")
-        if process.exitcode != 0 or finished_result(self._run_dir(spec)) is None:
+        result = finished_result(self._run_dir(spec))
+        if process.exitcode != 0 or result is None:
             raise RuntimeError(f"run {spec.name}: its worker process ended with exit code {process.exitcode} and no "
                                "result (a negative code is the signal that killed it, e.g. -9 when out of memory); "
                                "the other runs were stopped; the same command resumes every run")
-        return index, spec
+        return index, spec, result
