@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from aro.bench.cli import main
 from aro.bench.config import BenchConfig, resolve
@@ -115,6 +116,16 @@ def test_jobs_need_one_process_per_run_and_share_the_cores(tmp_path):
 
     with pytest.raises(ValueError, match="--jobs 2 with --parallel ddp"):
         run_benchmark(resolve("smoke", {"jobs": 2, "out": str(tmp_path)}), par=Parallel(mode="ddp"))
+    # config.json records the threads each run trains with, not those of the process handing them out
+    from aro.bench.protocol import _write_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's threads (--threads 0: torch's default)
+    try:
+        _write_config(resolve("smoke", {"jobs": 10**6, "out": str(tmp_path / "env")}), {}, Parallel())
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "env" / "config.json").read_text())["environment"]["threads"] == 1
 
 
 def _alive(pid: int) -> bool:

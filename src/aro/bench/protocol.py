@@ -25,7 +25,7 @@ from .config import BenchConfig
 from .data import load_corpus
 from .environment import environment_info
 from .files import atomic_write_text
-from .jobs import RunPool
+from .jobs import RunPool, threads_per_job
 from .ladder import ladder_runs, round_lr
 from .optimizers import check_mode
 from .parallel import Parallel
@@ -71,6 +71,8 @@ def _write_config(cfg: BenchConfig, corpus_info: dict, par: Parallel = Parallel(
         for k in _EXTENDABLE[1:]:
             config[k] = {**previous.get(k, {}), **config[k]}
     env = {**environment_info(), "parallel": par.mode, "world_size": par.world}
+    if cfg.jobs > 1:  # this process only hands out runs: record the threads each run trains with
+        env["threads"] = threads_per_job(cfg)
     atomic_write_text(path, json.dumps({"config": config, "corpus": corpus_info, "environment": env}, indent=1))
     return config
 
