@@ -242,3 +242,45 @@ def test_budget_summary_refuses_folders_in_different_units_or_of_one_name(tmp_pa
     assert main(["report", str(dense), str(twin), "--budget-summary", str(tmp_path / "s.json")]) != 0
     assert "appear twice" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()  # nothing half-written
+
+
+def _block(budget, adamw, muon, fair_adamw=None):
+    return {"budget": budget, "speedup": {"adamw": {"mean": adamw, "std": 0.01}, "muon": {"mean": muon, "std": 0.01}},
+            "schedule_fair_speedup": {} if fair_adamw is None else {"adamw": fair_adamw}}
+
+
+def test_budget_figure_scales_each_panel_to_its_range_and_keeps_one_legend_order(tmp_path):
+    from aro.bench.report import WIDE_RANGE, _plt, budget_figure
+
+    plt = _plt()
+
+    class Kept:  # pyplot, except that the figure stays open to be inspected
+        figures = []
+
+        def subplots(self, *args, **kwargs):
+            fig, axes = plt.subplots(*args, **kwargs)
+            self.figures.append((fig, axes))
+            return fig, axes
+
+        def close(self, fig):
+            pass
+
+    # the dense row: a schedule-fair speedup of 9 beside crossing speedups near 1.5 (vs adamw),
+    # speedups vs muon within 0.9-1.2; the MoE row lists the optimizers in another order
+    dense = {"optimizers": {"muon": {"budgets": {"1": _block(1.0, 1.5, 1.0, 3.0), "8": _block(8.0, 1.6, 1.0, 9.0)}},
+                            "aro": {"budgets": {"1": _block(1.0, 1.7, 1.1, 3.5), "8": _block(8.0, 1.7, 1.2, 9.5)}}}}
+    moe = {"optimizers": {"aro": {"budgets": {"1": _block(1.0, 1.4, 0.95)}},
+                          "muon": {"budgets": {"1": _block(1.0, 1.5, 1.0)}}}}
+    kept = Kept()
+    budget_figure(kept, {"tiny": dense, "moe-small": moe}, tmp_path / "b.png")
+    fig, axes = kept.figures[0]
+    try:
+        assert (tmp_path / "b.png").stat().st_size > 1000
+        low, high = axes[0][0].get_ylim()
+        assert axes[0][0].get_yscale() == "log" and high / low > WIDE_RANGE  # 1.5 to 9.5: ratios on a log axis
+        assert [ax.get_yscale() for ax in (axes[0][1], axes[1][0], axes[1][1])] == ["linear"] * 3
+        # one order in every panel (the first folder's), whatever order a folder lists them in
+        assert axes[1][0].get_legend_handles_labels()[1] == ["muon", "aro"]
+        assert axes[0][1].get_legend_handles_labels()[1] == ["aro"]  # no line of muon against itself
+    finally:
+        plt.close(fig)

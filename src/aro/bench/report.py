@@ -300,6 +300,30 @@ def _overtrain_figure(plt, summary, path):
     plt.close(fig)
 
 
+# a panel whose speedups span more than this factor gets a log axis; a narrower one stays linear,
+# where matplotlib's log axis would label no tick between 1 and the next power of ten
+WIDE_RANGE = 4.0
+
+
+def _minor_label(value: float, _position) -> str:
+    """Label the minor ticks of a log axis sparsely (1-2-5 steps), so a narrow range still shows values."""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa, 6) in (1.5, 2, 3, 5) else ""
+
+
+def _speedup_axis(ax) -> None:
+    """A log y axis with plain labels if the panel's speedups span more than ``WIDE_RANGE``:
+    speedups are ratios, so on a log axis a crossing speedup of 1.1 stays readable beside a
+    schedule-fair one of 9, and 2x and 0.5x lie equally far from 1."""
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
+    low, high = ax.get_ylim()
+    if low > 0 and high / low > WIDE_RANGE:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+
+
 def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     """The paper's Figure 1, ours: speedup against the training budget (20 tokens per parameter =
     1), one row per run folder (e.g. the dense and the MoE model), one column per baseline. Solid:
@@ -312,8 +336,8 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     colors = _colors(names)
     for (label, summary), row in zip(rows, axes):
         for ax, base in zip(row, BASELINES):
-            for name, e in summary["optimizers"].items():
-                blocks = sorted((e.get("budgets") or {}).values(), key=lambda b: b["budget"])
+            for name in (n for n in names if n in summary["optimizers"]):  # one legend order in every panel
+                blocks = sorted((summary["optimizers"][name].get("budgets") or {}).values(), key=lambda b: b["budget"])
                 pts = [(b["budget"], b["speedup"][base]) for b in blocks
                        if b.get("speedup", {}).get(base, {}).get("mean") is not None]
                 if pts and name != base:
@@ -326,6 +350,7 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
                             color=colors[name])
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log", base=2)
+            _speedup_axis(ax)
             tpp = summary.get("budget_unit", {}).get("tokens_per_parameter", 20.0)
             ax.set_xlabel(f"training budget (x {tpp:g} tokens per parameter)")
             ax.set_title(f"{label}: speedup vs {base} (solid: crossing, dashed: schedule-fair)", fontsize=9)
