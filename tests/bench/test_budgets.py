@@ -255,7 +255,8 @@ def test_budget_figure_scales_each_panel_to_its_range_and_keeps_one_legend_order
     plt = _plt()
 
     class Kept:  # pyplot, except that the figure stays open to be inspected
-        figures = []
+        def __init__(self):
+            self.figures = []
 
         def subplots(self, *args, **kwargs):
             fig, axes = plt.subplots(*args, **kwargs)
