@@ -35,6 +35,10 @@ def test_misspelled_group_key_names_the_closest():
         aro.ARO([{"params": list(model.parameters()), "weight_decy": 0.0}])
     with pytest.raises(ValueError, match="did you mean 'rotation'"):
         aro.param_groups(model, rotaton="eigen")
+    with pytest.raises(ValueError, match="'modee'; did you mean 'mode'"):  # its own arguments too
+        aro.param_groups(model, modee="full")
+    with pytest.raises(ValueError, match="did you mean 'no_decay'"):
+        aro.param_groups(model, nodecay=())
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
         aro.param_groups(model, bogus=1)
     with pytest.raises(ValueError, match="no_decay"):

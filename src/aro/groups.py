@@ -221,10 +221,12 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
 
     valid = [n for n in inspect.signature(ARO.__init__).parameters
              if n not in ("self", "params", "process_group", "differentiable")]
+    # a misspelling of param_groups' own arguments lands here too ("modee"): suggest those as well
+    own = [n for n in inspect.signature(param_groups).parameters if n not in ("model", "overrides")]
     for key in overrides:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {valid}"
+            close = difflib.get_close_matches(key, own + valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {own + valid}"
             raise ValueError(f"aro.param_groups: unknown option {key!r}{hint}")
 
 

@@ -69,6 +69,10 @@ def test_table_counts_finished_seeds_and_gives_no_spread_for_one(tmp_path):
     assert adamw[2:4] == ["2", "2.0500±0.0707"]
     assert muon[2:4] == ["1", "1.9000"]  # one seed: no "±0.0000"
     assert any("finished seeds (of 2 planned)" in line for line in lines)
+    from aro.bench.report import format_markdown
+
+    md = format_markdown(summarize(tmp_path)).splitlines()  # the README table: a row short of seeds says so
+    assert md[2].split(" | ")[2] == "2.050±0.071" and md[3].split(" | ")[2] == "1.900 (1 seed)"
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():

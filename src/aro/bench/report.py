@@ -127,13 +127,14 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
     head = ["optimizer", "lr", "final val loss", "speedup vs AdamW [95%]", "speedup vs Muon [95%]",
             f"Δ loss vs {BASELINES[-1].capitalize()} [95%]"] + ([f"Δ loss vs {versus} [95%]"] if versus else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in names or list(summary["optimizers"]):
-        e = summary["optimizers"].get(name)
-        if not e or "final_val_loss" not in e:
-            continue
+    entries = {n: e for n in names or list(summary["optimizers"])
+               if (e := summary["optimizers"].get(n)) and "final_val_loss" in e}
+    most = max((len(e["seeds"]) for e in entries.values()), default=0)
+    for name, e in entries.items():
         paired = e.get("paired", {})
+        n = len(e["seeds"])  # a row with fewer seeds than the others says so: its mean is less settled
         cells = [name + (" (lr at grid edge)" if e.get("lr_at_grid_edge") else ""), f"{e['lr']:g}",
-                 _fmt(e["final_val_loss"], 3)]
+                 _fmt(e["final_val_loss"], 3) + (f" ({n} seed{'s' if n > 1 else ''})" if n < most else "")]
         for base in BASELINES:
             cells.append("1" if base == name else _interval(paired.get(base, {}).get("speedup")).replace(", ", "–"))
         strongest = BASELINES[-1]  # the loss difference is taken against the stronger baseline
