@@ -250,9 +250,9 @@ def _block(budget, adamw, muon, fair_adamw=None):
 
 
 def test_budget_figure_scales_each_panel_to_its_range_and_keeps_one_legend_order(tmp_path):
-    from aro.bench.report import WIDE_RANGE, _plt, budget_figure
+    from aro.bench.figures import WIDE_RANGE, budget_figure, pyplot
 
-    plt = _plt()
+    plt = pyplot()
 
     class Kept:  # pyplot, except that the figure stays open to be inspected
         def __init__(self):
