@@ -207,6 +207,11 @@ def test_a_budget_1_ladder_with_given_lrs_reports_their_check(tmp_path):
     assert one["lr_check"] == {"0.001": pytest.approx(1.95), "0.002": pytest.approx(1.9), "0.004": pytest.approx(1.88)}
     assert one["lr_transfers"] is False  # twice the given lr did better
     assert "lr_check" not in summarize(out)["optimizers"]["adamw"]["budgets"]["1"]
+    # the end-of-run table prints the check (the README quotes it), the chosen lr marked
+    from aro.bench.report import format_table
+
+    checks = format_table(summarize(out)).split("lr check (seed 0, final val loss at each lr):\n")[1].splitlines()
+    assert checks == ["  muon at budget 1: 0.001 -> 1.9500, 0.002 -> 1.9000 (chosen), 0.004 -> 1.8800; best 0.004"]
 
 
 def test_budget_summary_gathers_each_folders_ladder(tmp_path):

@@ -16,7 +16,7 @@ from .optimizers import BASELINES
 from .stats import paired_difference
 from .summary import load_runs, summarize
 
-__all__ = ["combined_budget_figure", "combined_budget_summary", "format_budget_table",
+__all__ = ["combined_budget_figure", "combined_budget_summary", "format_budget_table", "format_lr_checks",
            "format_markdown", "format_table", "write_report"]
 
 
@@ -61,7 +61,29 @@ def format_table(summary: dict) -> str:
                                 for name, vals in starved.items()))
     if any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values()):
         text += ["", format_budget_table(summary)]
+    checks = format_lr_checks(summary)
+    if checks:
+        text += ["", checks]
     return "\n".join(text)
+
+
+def format_lr_checks(summary: dict) -> str:
+    """The ladder's lr checks, one line per optimizer: at its longest budget, seed 0's final loss at
+    each lr tried so far (the chosen one marked) and the best of them; "" if none ran."""
+    lines = []
+    for name, e in summary["optimizers"].items():
+        for key, b in (e.get("budgets") or {}).items():
+            if "lr_check" not in b:
+                continue
+            tried = ", ".join(f"{lr} -> " + ("-" if v is None else f"{v:.4f}") + (" (chosen)" if float(lr) == b["lr"] else "")
+                              for lr, v in b["lr_check"].items())
+            finite = {lr: v for lr, v in b["lr_check"].items() if v is not None}
+            best = min(finite, key=finite.get) if finite else None
+            verdict = "no finite loss" if best is None else f"best {best}" + (" (chosen)" if b["lr_transfers"] else "")
+            lines.append(f"{name} at budget {key}: {tried}; {verdict}")
+    if not lines:
+        return ""
+    return "\n".join(["lr check (seed 0, final val loss at each lr):"] + ["  " + line for line in lines])
 
 
 def _interval(p: dict | None, spec: str = ".3f") -> str:
