@@ -208,10 +208,13 @@ def test_a_budget_1_ladder_with_given_lrs_reports_their_check(tmp_path):
     assert one["lr_transfers"] is False  # twice the given lr did better
     assert "lr_check" not in summarize(out)["optimizers"]["adamw"]["budgets"]["1"]
     # the end-of-run table prints the check (the README quotes it), the chosen lr marked
-    from aro.bench.report import format_table
+    from aro.bench.report import format_lr_checks, format_table
 
     checks = format_table(summarize(out)).split("lr check (seed 0, final val loss at each lr):\n")[1].splitlines()
     assert checks == ["  muon at budget 1: 0.001 -> 1.9500, 0.002 -> 1.9000 (chosen), 0.004 -> 1.8800; best 0.004"]
+    write_run(out, "aro-sinkhorn", 4e-3, 0, steps, [5.0, float("nan")], diverged=True)  # a check run that diverged
+    line = next(x for x in format_lr_checks(summarize(out)).splitlines() if x.startswith("  aro-sinkhorn"))
+    assert line == "  aro-sinkhorn at budget 1: 0.002 -> 1.8000 (chosen), 0.004 -> -; best 0.002 (chosen)"
 
 
 def test_budget_summary_gathers_each_folders_ladder(tmp_path):
@@ -255,9 +258,9 @@ def _block(budget, adamw, muon, fair_adamw=None):
 
 
 def test_budget_figure_scales_each_panel_to_its_range_and_keeps_one_legend_order(tmp_path):
-    from aro.bench.figures import WIDE_RANGE, budget_figure, pyplot
+    from aro.bench.figures import budget_figure, load_pyplot
 
-    plt = pyplot()
+    plt = load_pyplot()
 
     class Kept:  # pyplot, except that the figure stays open to be inspected
         def __init__(self):
@@ -277,14 +280,17 @@ def test_budget_figure_scales_each_panel_to_its_range_and_keeps_one_legend_order
                             "aro": {"budgets": {"1": _block(1.0, 1.7, 1.1, 3.5), "8": _block(8.0, 1.7, 1.2, 9.5)}}}}
     moe = {"optimizers": {"aro": {"budgets": {"1": _block(1.0, 1.4, 0.95)}},
                           "muon": {"budgets": {"1": _block(1.0, 1.5, 1.0)}}}}
+    # 0.4 with a wide error bar beside 9: the axis margin reaches below 0, the values span 22x
+    wide = {"optimizers": {"aro": {"budgets": {"1": {**_block(1.0, 0.4, 1.0, 9.0), "speedup": {
+        "adamw": {"mean": 0.4, "std": 0.39}, "muon": {"mean": 1.0, "std": 0.0}}}}}}}
     kept = Kept()
-    budget_figure(kept, {"tiny": dense, "moe-small": moe}, tmp_path / "b.png")
+    budget_figure(kept, {"tiny": dense, "moe-small": moe, "wide": wide}, tmp_path / "b.png")
     fig, axes = kept.figures[0]
     try:
         assert (tmp_path / "b.png").stat().st_size > 1000
-        low, high = axes[0][0].get_ylim()
-        assert axes[0][0].get_yscale() == "log" and high / low > WIDE_RANGE  # 1.5 to 9.5: ratios on a log axis
-        assert [ax.get_yscale() for ax in (axes[0][1], axes[1][0], axes[1][1])] == ["linear"] * 3
+        # 1 to 9.5 and 0.4 to 9: ratios on a log axis; within 0.9-1.7: linear, labelled
+        assert axes[0][0].get_yscale() == "log" and axes[2][0].get_yscale() == "log"
+        assert [ax.get_yscale() for ax in (axes[0][1], axes[1][0], axes[1][1], axes[2][1])] == ["linear"] * 4
         # one order in every panel (the first folder's), whatever order a folder lists them in
         assert axes[1][0].get_legend_handles_labels()[1] == ["muon", "aro"]
         assert axes[0][1].get_legend_handles_labels()[1] == ["aro"]  # no line of muon against itself

@@ -126,6 +126,8 @@ def test_jobs_need_one_process_per_run_and_share_the_cores(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "env" / "config.json").read_text())["environment"]["threads"] == 1
+    _write_config(resolve("smoke", {"jobs": 2, "threads": 3, "out": str(tmp_path / "given")}), {}, Parallel())
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["environment"]["threads"] == 3  # --threads
 
 
 def _alive(pid: int) -> bool:

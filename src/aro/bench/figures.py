@@ -17,10 +17,10 @@ import numpy as np
 
 from .optimizers import BASELINES
 
-__all__ = ["budget_figure", "pyplot", "write_figures"]
+__all__ = ["budget_figure", "has_ladder", "load_pyplot", "write_figures"]
 
 
-def pyplot():
+def load_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +32,7 @@ def pyplot():
 def _colors(names):
     """Distinct colors: tab10 while it suffices (tab20 pairs similar shades side by side)."""
     size = 10 if len(names) <= 10 else 20
-    cmap = pyplot().get_cmap(f"tab{size}")
+    cmap = load_pyplot().get_cmap(f"tab{size}")
     return {n: cmap(i % size) for i, n in enumerate(names)}
 
 
@@ -135,19 +135,22 @@ WIDE_RANGE = 4.0
 
 
 def _minor_label(value: float, _position) -> str:
-    """Label the minor ticks of a log axis sparsely (1-2-5 steps), so a narrow range still shows values."""
+    """Label the minor ticks of a log axis at 2, 3 and 5 times a power of ten, so a panel spanning
+    less than a decade still shows values."""
     mantissa = value / 10 ** math.floor(math.log10(value))
-    return f"{value:g}" if round(mantissa, 6) in (1.5, 2, 3, 5) else ""
+    return f"{value:g}" if round(mantissa, 6) in (2, 3, 5) else ""
 
 
-def _speedup_axis(ax) -> None:
-    """A log y axis with plain labels if the panel's speedups span more than ``WIDE_RANGE``:
-    speedups are ratios, so on a log axis a crossing speedup of 1.1 stays readable beside a
-    schedule-fair one of 9, and 2x and 0.5x lie equally far from 1."""
+def _speedup_axis(ax, values: list[float]) -> None:
+    """A log y axis with plain labels if the speedups plotted (``values``, 1 included) span more
+    than ``WIDE_RANGE``: speedups are ratios, so on a log axis a crossing speedup of 1.1 stays
+    readable beside a schedule-fair one of 9, and 2x and 0.5x lie equally far from 1. Decided on
+    the values, not on the axis limits, whose margins may reach below 0 (error-bar ends at or
+    below 0 are clipped on the log axis)."""
     from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
-    low, high = ax.get_ylim()
-    if low > 0 and high / low > WIDE_RANGE:
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if positive and max(positive) / min(positive) > WIDE_RANGE:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
@@ -165,21 +168,24 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     colors = _colors(names)
     for (label, summary), row in zip(rows, axes):
         for ax, base in zip(row, BASELINES):
+            plotted = [1.0]
             for name in (n for n in names if n in summary["optimizers"]):  # one legend order in every panel
                 blocks = sorted((summary["optimizers"][name].get("budgets") or {}).values(), key=lambda b: b["budget"])
                 pts = [(b["budget"], b["speedup"][base]) for b in blocks
                        if b.get("speedup", {}).get(base, {}).get("mean") is not None]
                 if pts and name != base:
+                    plotted += [v["mean"] for _, v in pts]
                     ax.errorbar([k for k, _ in pts], [v["mean"] for _, v in pts], yerr=[v["std"] for _, v in pts],
                                 marker="o", capsize=3, label=name, color=colors[name])
                 fair = [(b["budget"], b["schedule_fair_speedup"].get(base)) for b in blocks
                         if b.get("schedule_fair_speedup", {}).get(base) is not None]
                 if fair:
+                    plotted += [v for _, v in fair]
                     ax.plot([k for k, _ in fair], [v for _, v in fair], "--", marker="o", mfc="white",
                             color=colors[name])
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log", base=2)
-            _speedup_axis(ax)
+            _speedup_axis(ax, plotted)
             tpp = summary.get("budget_unit", {}).get("tokens_per_parameter", 20.0)
             ax.set_xlabel(f"training budget (x {tpp:g} tokens per parameter)")
             ax.set_title(f"{label}: speedup vs {base} (solid: crossing, dashed: schedule-fair)", fontsize=9)
@@ -191,13 +197,18 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def has_ladder(summary: dict) -> bool:
+    """Whether a summary holds a budget ladder (some optimizer at more than one ``--budgets`` value)."""
+    return any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values())
+
+
 def write_figures(label: str, summary: dict, runs, figs: Path) -> None:
     """Every figure of one run folder into ``figs``; ``label`` names its row in budgets.png."""
-    plt = pyplot()
+    plt = load_pyplot()
     _val_loss_figure(plt, summary, runs, figs / "val_loss.png")
     _speedup_figure(plt, summary, figs / "speedup.png")
     _sweep_figure(plt, summary, figs / "lr_sweep.png")
-    if any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values()):
+    if has_ladder(summary):
         budget_figure(plt, {label: summary}, figs / "budgets.png")
     elif len(summary["budgets"]) > 1:
         _overtrain_figure(plt, summary, figs / "overtrain.png")

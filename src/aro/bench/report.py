@@ -9,9 +9,10 @@ print the end-of-run, budget and README tables; ``combined_budget_summary`` and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from .figures import budget_figure, pyplot, write_figures
+from .figures import budget_figure, has_ladder, load_pyplot, write_figures
 from .optimizers import BASELINES
 from .stats import paired_difference
 from .summary import load_runs, summarize
@@ -20,12 +21,17 @@ __all__ = ["combined_budget_figure", "combined_budget_summary", "format_budget_t
            "format_markdown", "format_table", "write_report"]
 
 
+def _finite_seeds(stat: dict) -> int:
+    """How many seeds a statistic's mean is over (a diverged seed's value is None or not finite)."""
+    return sum(1 for v in stat.get("per_seed") or () if v is not None and math.isfinite(v))
+
+
 def _fmt(stat: dict | None, digits: int = 3) -> str:
     """``mean±std``; the mean alone when the statistic has one seed (a std of 0 would read as
     agreement between seeds)."""
     if not stat or stat.get("mean") is None:
         return "-"
-    if len(stat.get("per_seed") or ()) == 1:
+    if _finite_seeds(stat) == 1:
         return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
@@ -51,15 +57,15 @@ def format_table(summary: dict) -> str:
             f"{ratio:.3f}" if ratio else "-",
         ])
     text = _aligned(head, rows)
-    n = summary.get("seeds")
-    text.append(f"mean±std over the finished seeds (of {n} planned); speedup = steps of the baseline / steps to reach"
+    planned = summary.get("seeds")
+    text.append(f"mean±std over the finished seeds (of {planned} planned); speedup = steps of the baseline / steps to reach"
                 " its final val loss; * = chosen lr at the edge of the grid")
     starved = {name: e["starved_experts"] for name, e in summary["optimizers"].items() if "starved_experts" in e}
     if starved:
         text.append("starved experts at the end, per seed (under a tenth of an even share of the tokens, all layers): "
                     + "; ".join(f"{name} " + "/".join("-" if v is None else str(v) for v in vals)
                                 for name, vals in starved.items()))
-    if any(len(e.get("budgets", {})) > 1 for e in summary["optimizers"].values()):
+    if has_ladder(summary):
         text += ["", format_budget_table(summary)]
     checks = format_lr_checks(summary)
     if checks:
@@ -75,10 +81,11 @@ def format_lr_checks(summary: dict) -> str:
         for key, b in (e.get("budgets") or {}).items():
             if "lr_check" not in b:
                 continue
-            tried = ", ".join(f"{lr} -> " + ("-" if v is None else f"{v:.4f}") + (" (chosen)" if float(lr) == b["lr"] else "")
+            chosen = f"{b['lr']:g}"  # lr_check's keys are the lrs written with %g
+            tried = ", ".join(f"{lr} -> " + ("-" if v is None else f"{v:.4f}") + (" (chosen)" if lr == chosen else "")
                               for lr, v in b["lr_check"].items())
             finite = {lr: v for lr, v in b["lr_check"].items() if v is not None}
-            best = min(finite, key=finite.get) if finite else None
+            best = chosen if b["lr_transfers"] else min(finite, key=finite.get) if finite else None
             verdict = "no finite loss" if best is None else f"best {best}" + (" (chosen)" if b["lr_transfers"] else "")
             lines.append(f"{name} at budget {key}: {tried}; {verdict}")
     if not lines:
@@ -138,12 +145,13 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     entries = {n: e for n in names or list(summary["optimizers"])
                if (e := summary["optimizers"].get(n)) and "final_val_loss" in e}
-    most = max((len(e["seeds"]) for e in entries.values()), default=0)
+    most = max((_finite_seeds(e["final_val_loss"]) for e in entries.values()), default=0)
     for name, e in entries.items():
         paired = e.get("paired", {})
-        n = len(e["seeds"])  # a row with fewer seeds than the others says so: its mean is less settled
+        finished = _finite_seeds(e["final_val_loss"])  # fewer than the other rows: its mean is less settled
         cells = [name + (" (lr at grid edge)" if e.get("lr_at_grid_edge") else ""), f"{e['lr']:g}",
-                 _fmt(e["final_val_loss"], 3) + (f" ({n} seed{'s' if n > 1 else ''})" if n < most else "")]
+                 _fmt(e["final_val_loss"], 3) + (f" ({finished} seed{'s' if finished != 1 else ''})"
+                                                 if finished < most else "")]
         for base in BASELINES:
             cells.append("1" if base == name else _interval(paired.get(base, {}).get("speedup")).replace(", ", "–"))
         strongest = BASELINES[-1]  # the loss difference is taken against the stronger baseline
@@ -217,7 +225,7 @@ def combined_budget_figure(summaries: dict[str | Path, dict], path: Path) -> Non
     the folder's name)."""
     labelled = {name: summary for name, (_, summary) in _labelled(summaries).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    budget_figure(pyplot(), labelled, Path(path))
+    budget_figure(load_pyplot(), labelled, Path(path))
 
 
 def combined_budget_summary(summaries: dict[str | Path, dict]) -> dict:
