@@ -1,8 +1,8 @@
 """Tables and summaries, made only from the logs of run folders (``aro report RUN_DIR``).
 
 ``write_report`` rebuilds a folder's summary.json, summary.csv, report.txt and its figures
-(:mod:`aro.bench.figures`); ``format_table``, ``format_budget_table`` and ``format_markdown``
-print the end-of-run, budget and README tables; ``combined_budget_summary`` and
+(:mod:`aro.bench.figures`); ``format_table``, ``format_budget_table``, ``format_lr_checks`` and
+``format_markdown`` print the end-of-run, budget, lr-check and README tables; ``combined_budget_summary`` and
 ``combined_budget_figure`` put several folders' budget ladders side by side.
 """
 
