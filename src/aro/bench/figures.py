@@ -29,6 +29,13 @@ def load_pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Every figure's ending: laid out, written at one resolution, closed (pyplot keeps figures open)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _colors(names):
     """Distinct colors: tab10 while it suffices (tab20 pairs similar shades side by side)."""
     size = 10 if len(names) <= 10 else 20
@@ -64,9 +71,7 @@ def _val_loss_figure(plt, summary, runs, path):
     ax.set_title(f"Validation loss at each optimizer's chosen lr ({summary['seeds']} seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _speedup_figure(plt, summary, path):
@@ -81,9 +86,7 @@ def _speedup_figure(plt, summary, path):
         ax.set_xticks(range(len(shown)), shown, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"speedup vs {base} (steps to reach {base}'s final loss)")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _sweep_figure(plt, summary, path):
@@ -101,9 +104,7 @@ def _sweep_figure(plt, summary, path):
     ax.set_title("learning-rate sweep (star = chosen)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _overtrain_figure(plt, summary, path):
@@ -124,9 +125,7 @@ def _overtrain_figure(plt, summary, path):
         ax.set_title(f"speedup vs {base}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # a panel whose speedups span more than this factor gets a log axis; a narrower one stays linear,
@@ -192,9 +191,7 @@ def budget_figure(plt, summaries: dict[str, dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def has_ladder(summary: dict) -> bool:
