@@ -198,7 +198,14 @@ CURVES = {"adamw": [5.0, 4.0, 3.0, 2.5, 2.0], "muon": [5.0, 3.5, 2.6, 2.2, 1.9],
 def test_a_budget_1_ladder_with_given_lrs_reports_their_check(tmp_path):
     out = _ladder_folder(tmp_path, "tiny", CURVES)
     steps = json.loads((out / "config.json").read_text())["config"]["steps"]
+    from aro.bench.report import format_budget_table, format_lr_checks, format_markdown, format_table
+
     write_run(out, "muon", 1e-3, 0, steps, [v + 0.05 for v in CURVES["muon"]])
+    half_done = summarize(out)
+    # a given lr is not "at the edge of a grid" when only half of its check has run, nor marked
+    # while it is the best of its check
+    assert half_done["optimizers"]["muon"]["lr_at_grid_edge"] is False
+    assert "muon +" not in format_table(half_done) and "better)" not in format_markdown(half_done)
     write_run(out, "muon", 4e-3, 0, steps, [v - 0.02 for v in CURVES["muon"]])
     muon = summarize(out)["optimizers"]["muon"]
     one = muon["budgets"]["1"]
@@ -207,9 +214,16 @@ def test_a_budget_1_ladder_with_given_lrs_reports_their_check(tmp_path):
     assert one["lr_check"] == {"0.001": pytest.approx(1.95), "0.002": pytest.approx(1.9), "0.004": pytest.approx(1.88)}
     assert one["lr_transfers"] is False  # twice the given lr did better
     assert "lr_check" not in summarize(out)["optimizers"]["adamw"]["budgets"]["1"]
+    # every table marks the row whose given lr its check beat; the others stay unmarked
+    summary = summarize(out)
+    assert muon["lr_at_grid_edge"] is False
+    rows = {line.split()[0]: line for line in format_table(summary).splitlines()[2:5]}
+    assert rows["muon"].startswith("muon +  ") and not rows["adamw"].startswith("adamw +")
+    assert [line.split("|")[1].strip() for line in format_markdown(summary).splitlines()[2:]] == [
+        "adamw", "muon (lr check: 0.004 better)", "aro-sinkhorn"]
+    budget_rows = format_budget_table(summary).splitlines()[2:5]
+    assert [row.split()[:2] for row in budget_rows] == [["adamw", "1"], ["muon", "+"], ["aro-sinkhorn", "1"]]
     # the end-of-run table prints the check (the README quotes it), the chosen lr marked
-    from aro.bench.report import format_lr_checks, format_table
-
     checks = format_table(summarize(out)).split("lr check (seed 0, final val loss at each lr):\n")[1].splitlines()
     assert checks == ["  muon at budget 1: 0.001 -> 1.9500, 0.002 -> 1.9000 (chosen), 0.004 -> 1.8800; best 0.004"]
     write_run(out, "aro-sinkhorn", 4e-3, 0, steps, [5.0, float("nan")], diverged=True)  # a check run that diverged

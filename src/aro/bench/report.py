@@ -36,6 +36,21 @@ def _fmt(stat: dict | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
 
+def _better_lr(block: dict) -> str | None:
+    """The lr that did better than the reused one in this budget's lr check (seed 0), or None:
+    no check here, or the reused lr was the best of it."""
+    if "lr_check" not in block or block["lr_transfers"]:
+        return None
+    finite = {lr: v for lr, v in block["lr_check"].items() if v is not None}
+    return min(finite, key=finite.get) if finite else None
+
+
+def _base_better_lr(summary: dict, entry: dict) -> str | None:
+    """:func:`_better_lr` of the check run at the base budget (an lr given without a sweep)."""
+    return next((_better_lr(b) for b in (entry.get("budgets") or {}).values()
+                 if b["steps"] == summary.get("base_steps")), None)
+
+
 def format_table(summary: dict) -> str:
     """The end-of-run table: one row per optimizer at the base budget."""
     head = ["optimizer", "lr", "seeds", "final val loss", *(f"speedup vs {b}" for b in BASELINES), "step ms",
@@ -46,7 +61,7 @@ def format_table(summary: dict) -> str:
             continue
         ratio = e["step_time_ratio"].get("adamw")
         rows.append([
-            name + (" *" if e.get("lr_at_grid_edge") else ""),
+            name + (" *" if e.get("lr_at_grid_edge") else "") + (" +" if _base_better_lr(summary, e) else ""),
             f"{e['lr']:g}",
             str(len(e["seeds"])),
             _fmt(e["final_val_loss"], 4),
@@ -59,7 +74,7 @@ def format_table(summary: dict) -> str:
     text = _aligned(head, rows)
     planned = summary.get("seeds")
     text.append(f"mean±std over the finished seeds (of {planned} planned); speedup = steps of the baseline / steps to reach"
-                " its final val loss; * = chosen lr at the edge of the grid")
+                " its final val loss; * = chosen lr at the edge of the grid; + = a given lr its lr check beat")
     starved = {name: e["starved_experts"] for name, e in summary["optimizers"].items() if "starved_experts" in e}
     if starved:
         text.append("starved experts at the end, per seed (under a tenth of an even share of the tokens, all layers): "
@@ -84,8 +99,7 @@ def format_lr_checks(summary: dict) -> str:
             chosen = f"{b['lr']:g}"  # lr_check's keys are the lrs written with %g
             tried = ", ".join(f"{lr} -> " + ("-" if v is None else f"{v:.4f}") + (" (chosen)" if lr == chosen else "")
                               for lr, v in b["lr_check"].items())
-            finite = {lr: v for lr, v in b["lr_check"].items() if v is not None}
-            best = chosen if b["lr_transfers"] else min(finite, key=finite.get) if finite else None
+            best = chosen if b["lr_transfers"] else _better_lr(b)
             verdict = "no finite loss" if best is None else f"best {best}" + (" (chosen)" if b["lr_transfers"] else "")
             lines.append(f"{name} at budget {key}: {tried}; {verdict}")
     if not lines:
@@ -124,10 +138,12 @@ def format_budget_table(summary: dict) -> str:
                       (f">={bounds[base]['at_least']:.2f}" if "at_least" in (bounds.get(base) or {}) else
                        f"<={bounds[base]['at_most']:.2f}" if "at_most" in (bounds.get(base) or {}) else "-")
                       for base in BASELINES]
-            rows.append([name, key, str(len(b["seeds"])), _fmt(b["final_val_loss"], 4)] + cells)
+            rows.append([name + (" +" if _better_lr(b) else ""), key, str(len(b["seeds"])),
+                         _fmt(b["final_val_loss"], 4)] + cells)
     return "\n".join(_aligned(head, rows) + [
         "budget in units of the compute-optimal data (20 tokens per parameter); speedup: crossing metric, geometric "
-        "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup"])
+        "mean over seeds with its paired 95% t-interval (* = excludes 1); fair: schedule-fair speedup; + = the "
+        "lr check at this budget found a better lr than the reused one"])
 
 
 def format_markdown(summary: dict, names: list[str] | None = None, versus: str | None = None,
@@ -149,7 +165,9 @@ def format_markdown(summary: dict, names: list[str] | None = None, versus: str |
     for name, e in entries.items():
         paired = e.get("paired", {})
         finished = _finite_seeds(e["final_val_loss"])  # fewer than the other rows: its mean is less settled
-        cells = [name + (" (lr at grid edge)" if e.get("lr_at_grid_edge") else ""), f"{e['lr']:g}",
+        better = _base_better_lr(summary, e)
+        cells = [name + (" (lr at grid edge)" if e.get("lr_at_grid_edge") else "")
+                 + (f" (lr check: {better} better)" if better else ""), f"{e['lr']:g}",
                  _fmt(e["final_val_loss"], 3) + (f" ({finished} seed{'s' if finished != 1 else ''})"
                                                  if finished < most else "")]
         for base in BASELINES:

@@ -60,6 +60,7 @@ def summarize(out: Path, write: bool = True) -> dict:
 
     chosen = {}
     sweeps = {}
+    given_lr = set()  # optimizers whose lr was given, not chosen from a sweep
     for name in names:
         sweep = {r["spec"]["lr"]: r for r in find(name, seed=0, steps=base_steps)}
         # an lr given without a sweep stays the chosen one; other lrs at seed 0 are its lr check
@@ -68,6 +69,8 @@ def summarize(out: Path, write: bool = True) -> dict:
             continue
         sweeps[name] = {str(lr): sweep[lr]["final_val_loss"] for lr in sorted(sweep)}
         chosen[name] = given if given is not None else choose_lr(sweep)
+        if given is not None:
+            given_lr.add(name)
     budgets = sorted({r["spec"]["steps"] for r in runs})
     summary: dict[str, Any] = {"optimizers": {}, "budgets": budgets, "base_steps": base_steps, "seeds": cfg["seeds"]}
     for name in chosen:
@@ -76,7 +79,8 @@ def summarize(out: Path, write: bool = True) -> dict:
         entry: dict[str, Any] = {
             "lr": lr,
             "lr_sweep": sweeps[name],
-            "lr_at_grid_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
+            # a given lr was not chosen from a grid: its lr check says whether it transfers
+            "lr_at_grid_edge": name not in given_lr and len(grid) > 1 and lr in (grid[0], grid[-1]),
         }
         for steps in budgets:
             block = _budget_block(name, lr, steps, chosen, find)
