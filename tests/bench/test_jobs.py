@@ -1,6 +1,7 @@
 """``aro bench --jobs N``: runs in worker processes give the runs of one process; the run lock."""
 
 import json
+import math
 import os
 import signal
 
@@ -170,3 +171,42 @@ def test_workers_die_with_a_killed_bench(tmp_path):
     for pid in survivors:  # a failing test leaves no orphan burning the machine's cores
         os.kill(pid, signal.SIGKILL)
     assert not survivors
+
+
+def test_given_lrs_send_seed_0_to_the_workers_with_the_other_seeds(tmp_path, monkeypatch):
+    """With every lr given there is no sweep to wait for: one batch, so no worker idles while
+    seed 0 trains alone. A sweep still comes first (its seeds wait for the chosen lr)."""
+    from aro.bench import protocol
+    from run_logs import write_run
+
+    batches = []
+
+    class RecordingPool:  # trains nothing: writes each run's logs, as a finished worker would
+        def __init__(self, cfg, run_dir_of):
+            self.out = cfg.out_dir
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def train_all(self, specs):
+            batches.append([(s.optimizer, s.lr, s.seed) for s in specs])
+            losses = [2.0 + math.log(s.lr / 2e-3) ** 2 for s in specs]  # best at 2e-3
+            for s, loss in zip(specs, losses):
+                write_run(self.out, s.optimizer, s.lr, s.seed, s.steps, [3.0, loss])
+            return [{"final_val_loss": loss} for loss in losses]
+
+    monkeypatch.setattr(protocol, "RunPool", RecordingPool)
+    given = resolve("smoke", {"optimizers": ("adamw", "muon"), "lr_by_optimizer": {"adamw": 2e-3, "muon": 4e-3},
+                              "seeds": 2, "jobs": 2, "out": str(tmp_path / "given")})
+    protocol.run_benchmark(given, progress=False)
+    assert batches == [[("adamw", 2e-3, 0), ("muon", 4e-3, 0), ("adamw", 2e-3, 1), ("muon", 4e-3, 1)]]
+
+    batches.clear()
+    swept = resolve("smoke", {"optimizers": ("adamw", "muon"), "lr_by_optimizer": {"adamw": 2e-3},
+                              "lr_grid": (1e-3, 2e-3, 4e-3), "seeds": 2, "jobs": 2, "out": str(tmp_path / "swept")})
+    protocol.run_benchmark(swept, progress=False)
+    assert batches[0] == [("adamw", 2e-3, 0), ("muon", 1e-3, 0), ("muon", 2e-3, 0), ("muon", 4e-3, 0)]
+    assert batches[1:] == [[("adamw", 2e-3, 1), ("muon", 2e-3, 1)]]  # the chosen lr, after the sweep

@@ -102,10 +102,17 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, par: Parallel = Paral
         else:
             def train_all(specs: list[RunSpec]) -> list[dict]:
                 return [run_training(cfg, s, corpus, run_dir(out, s), progress=progress, par=par) for s in specs]
-        chosen = _sweep(cfg, train_all)
+        grids = {name: cfg.lr_candidates(name) for name in cfg.optimizers}
+        if all(len(grid) == 1 for grid in grids.values()):
+            # no lr to choose: seed 0 goes to the workers with the other runs, since waiting for it
+            # as for a sweep would leave all but one of --jobs idle (one optimizer, given lr)
+            chosen = {name: grid[0] for name, grid in grids.items()}
+            first = [RunSpec(name, chosen[name], 0, cfg.steps) for name in cfg.optimizers]
+        else:
+            chosen, first = _sweep(cfg, train_all), []
         later = [RunSpec(name, chosen[name], seed, k * cfg.steps) for k in sorted(cfg.overtrain)
                  for seed in range(cfg.seeds) for name in cfg.optimizers if not (k == 1 and seed == 0)]
-        train_all(later + ladder_runs(cfg, chosen))
+        train_all(first + later + ladder_runs(cfg, chosen))
     par.barrier()
     summary = summarize(out, write=par.is_main)
     if par.is_main:
