@@ -224,7 +224,7 @@ def test_a_budget_1_ladder_with_given_lrs_reports_their_check(tmp_path):
     budget_rows = format_budget_table(summary).splitlines()[2:5]
     assert [row.split()[:2] for row in budget_rows] == [["adamw", "1"], ["muon", "+"], ["aro-sinkhorn", "1"]]
     # the end-of-run table prints the check (the README quotes it), the chosen lr marked
-    checks = format_table(summarize(out)).split("lr check (seed 0, final val loss at each lr):\n")[1].splitlines()
+    checks = format_table(summary).split("lr check (seed 0, final val loss at each lr):\n")[1].splitlines()
     assert checks == ["  muon at budget 1: 0.001 -> 1.9500, 0.002 -> 1.9000 (chosen), 0.004 -> 1.8800; best 0.004"]
     write_run(out, "aro-sinkhorn", 4e-3, 0, steps, [5.0, float("nan")], diverged=True)  # a check run that diverged
     line = next(x for x in format_lr_checks(summarize(out)).splitlines() if x.startswith("  aro-sinkhorn"))
